@@ -1,0 +1,3 @@
+from smolcluster.cli import main
+
+raise SystemExit(main())
