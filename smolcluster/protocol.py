@@ -1,0 +1,289 @@
+"""The wire protocol: length-prefixed, HMAC-authenticated frames carrying one flat tensor buffer.
+
+Frame = header (28 bytes) | metadata (JSON) | payload (raw bytes) | tag (32 bytes).
+The tag is HMAC-SHA256 over header, metadata and payload under a per-connection, per-direction
+key; the header carries a sequence number the receiver checks, so frames can be neither forged,
+replayed nor reordered. Nothing on this path is ever unpickled. docs/protocol.md has the layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import json
+import os
+import socket
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+from typing import Any
+
+MAGIC = b"SMCL"
+VERSION = 1
+HEADER = struct.Struct("!4sBBHQIQ")  # magic, version, type, flags, seq, meta_len, payload_len
+TAG_LEN = 32
+MAX_META = 64 * 1024
+NONCE_LEN = 32
+
+
+class MsgType(IntEnum):
+    HELLO = 1  # client -> server: who I am, client nonce
+    CHALLENGE = 2  # server -> client: server nonce
+    AUTH = 3  # client -> server: proof of the secret over both nonces
+    WELCOME = 4  # server -> client: admitted (session keys from here on)
+    REJECT = 5  # server -> client: not admitted, with a reason
+    START = 10  # server -> worker: weights (+ optimizer state) and the run plan
+    GRADS = 11  # worker -> server: gradients of one sync step
+    AVERAGE = 12  # server -> worker: averaged gradients of one sync step
+    PUSH = 13  # worker -> server: elastic pseudo-gradient
+    WEIGHTS = 14  # server -> worker: elastic global weights
+    HEARTBEAT = 15  # either way: still alive
+    DONE = 16  # server -> worker: training finished
+    BYE = 17  # worker -> server: leaving cleanly
+    ERROR = 18  # either way: fatal problem, connection closes
+
+
+FLAG_INT8 = 1  # payload is smolcluster.quantize int8 blocks, not raw float32
+
+
+class ProtocolError(Exception):
+    """The peer broke the protocol; the connection must be closed."""
+
+
+class PeerClosed(ProtocolError):
+    """The peer closed the connection (cleanly or not) between or inside frames."""
+
+
+@dataclass
+class Frame:
+    type: MsgType
+    flags: int
+    meta: dict[str, Any]
+    payload: memoryview  # valid until the next recv on the same connection
+
+
+def read_secret(path: Path) -> bytes:
+    """The cluster secret: refuse a file others can read, like ssh does with keys."""
+    try:
+        mode = path.stat().st_mode
+        data = path.read_bytes().strip()
+    except OSError as exc:
+        raise ProtocolError(f"cannot read cluster secret {path}: {exc.strerror}") from None
+    if mode & 0o077:
+        raise ProtocolError(f"cluster secret {path} is readable by others; chmod 600 it")
+    if len(data) < 32:
+        raise ProtocolError(f"cluster secret {path} is too short (run `smolcluster secret`)")
+    return data
+
+
+def write_secret(path: Path, force: bool = False) -> None:
+    if path.exists() and not force:
+        raise FileExistsError(f"{path} exists; pass --force to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(os.urandom(32).hex() + "\n")
+    os.replace(tmp, path)
+
+
+def _mac_key(key: bytes, label: bytes) -> bytes:
+    return hmac.new(key, label, hashlib.sha256).digest()
+
+
+class Connection:
+    """One authenticated peer. Not thread-safe per direction: one sender, one receiver."""
+
+    def __init__(
+        self, sock: socket.socket, send_key: bytes, recv_key: bytes, max_frame: int, peer: str
+    ) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.max_frame = max_frame
+        self.bytes_sent = 0
+        self.bytes_recv = 0
+        self._send_key, self._recv_key = send_key, recv_key
+        self._send_seq = 0
+        self._recv_seq = 0
+        self._header = bytearray(HEADER.size)
+        self._tag = bytearray(TAG_LEN)
+        self._payload = bytearray(0)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def rekey(self, send_key: bytes, recv_key: bytes) -> None:
+        self._send_key, self._recv_key = send_key, recv_key
+
+    # -- sending -----------------------------------------------------------------------------
+    def send(
+        self,
+        mtype: MsgType,
+        meta: dict[str, Any] | None = None,
+        payload: bytes | bytearray | memoryview = b"",
+        flags: int = 0,
+    ) -> None:
+        meta_bytes = json.dumps(meta or {}, separators=(",", ":")).encode()
+        body = memoryview(payload).cast("B")
+        header = HEADER.pack(
+            MAGIC, VERSION, int(mtype), flags, self._send_seq, len(meta_bytes), body.nbytes
+        )
+        mac = hmac.new(self._send_key, header, hashlib.sha256)
+        mac.update(meta_bytes)
+        mac.update(body)
+        self._send_seq += 1
+        # One gathered write: no copy of the payload, no small packets with TCP_NODELAY.
+        self._sendmsg([header + meta_bytes, body, mac.digest()])
+
+    def _sendmsg(self, parts: list[bytes | memoryview]) -> None:
+        views = [memoryview(p).cast("B") for p in parts if len(p)]
+        while views:
+            sent = self.sock.sendmsg(views)
+            self.bytes_sent += sent
+            while views and sent >= views[0].nbytes:
+                sent -= views[0].nbytes
+                views.pop(0)
+            if views and sent:
+                views[0] = views[0][sent:]
+
+    # -- receiving ---------------------------------------------------------------------------
+    def recv(self, into: Mapping[MsgType, memoryview] | None = None) -> Frame:
+        """Read one frame. A payload whose type is in `into` lands in that buffer, which it
+        must fill exactly; any other payload lands in the connection's own reused buffer."""
+        self._recv_exact(memoryview(self._header))
+        magic, version, mtype, flags, seq, meta_len, payload_len = HEADER.unpack(self._header)
+        if magic != MAGIC:
+            raise ProtocolError(f"bad magic {bytes(magic)!r}")
+        if version != VERSION:
+            raise ProtocolError(f"protocol version {version}, expected {VERSION}")
+        try:
+            kind = MsgType(mtype)
+        except ValueError:
+            raise ProtocolError(f"unknown message type {mtype}") from None
+        if meta_len > MAX_META or HEADER.size + meta_len + payload_len + TAG_LEN > self.max_frame:
+            raise ProtocolError(
+                f"frame of {meta_len + payload_len} bytes exceeds the limit of {self.max_frame}"
+            )
+        if seq != self._recv_seq:
+            raise ProtocolError(f"sequence number {seq}, expected {self._recv_seq}")
+        meta_raw = bytearray(meta_len)
+        self._recv_exact(memoryview(meta_raw))
+        if into is not None and kind in into:
+            target = into[kind].cast("B")
+            if target.nbytes != payload_len:
+                raise ProtocolError(
+                    f"{kind.name} payload of {payload_len} bytes, expected {target.nbytes}"
+                )
+        else:
+            if len(self._payload) < payload_len:
+                self._payload = bytearray(payload_len)
+            target = memoryview(self._payload)[:payload_len]
+        self._recv_exact(target)
+        self._recv_exact(memoryview(self._tag))
+        mac = hmac.new(self._recv_key, self._header, hashlib.sha256)
+        mac.update(meta_raw)
+        mac.update(target)
+        if not hmac.compare_digest(mac.digest(), self._tag):
+            raise ProtocolError(f"bad HMAC on {kind.name} frame {seq}")
+        self._recv_seq += 1
+        try:
+            meta = json.loads(meta_raw) if meta_len else {}
+        except ValueError:
+            raise ProtocolError("metadata is not JSON") from None
+        if not isinstance(meta, dict):
+            raise ProtocolError("metadata is not a JSON object")
+        return Frame(kind, flags, meta, target)
+
+    def expect(self, *kinds: MsgType, into: Mapping[MsgType, memoryview] | None = None) -> Frame:
+        frame = self.recv(into)
+        if frame.type == MsgType.ERROR:
+            raise ProtocolError(f"peer reported an error: {frame.meta.get('reason', '?')}")
+        if frame.type not in kinds:
+            names = "/".join(k.name for k in kinds)
+            raise ProtocolError(f"unexpected {frame.type.name}, expected {names}")
+        return frame
+
+    def _recv_exact(self, view: memoryview) -> None:
+        while view.nbytes:
+            try:
+                got = self.sock.recv_into(view)
+            except TimeoutError:
+                raise ProtocolError("timed out waiting for data") from None
+            except OSError as exc:
+                raise PeerClosed(f"connection lost: {exc.strerror or exc}") from None
+            if got == 0:
+                raise PeerClosed("peer closed the connection")
+            self.bytes_recv += got
+            view = view[got:]
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+
+
+# -- handshake -------------------------------------------------------------------------------
+# Handshake frames are MACed with keys derived from the secret alone; the client then proves it
+# knows the secret over both fresh nonces, and both sides switch to per-connection session keys.
+
+
+def _handshake_keys(secret: bytes) -> tuple[bytes, bytes]:
+    c2s = _mac_key(secret, b"smolcluster/1 handshake c2s")
+    return c2s, _mac_key(secret, b"smolcluster/1 handshake s2c")
+
+
+def _session_keys(secret: bytes, nonce_c: bytes, nonce_s: bytes) -> tuple[bytes, bytes]:
+    session = hmac.new(secret, b"session" + nonce_c + nonce_s, hashlib.sha256).digest()
+    return _mac_key(session, b"c2s"), _mac_key(session, b"s2c")
+
+
+def _proof(secret: bytes, nonce_c: bytes, nonce_s: bytes) -> str:
+    return hmac.new(secret, b"client proof" + nonce_c + nonce_s, hashlib.sha256).hexdigest()
+
+
+def _nonce(meta: dict[str, Any], key: str) -> bytes:
+    try:
+        value = bytes.fromhex(meta[key])
+    except (KeyError, TypeError, ValueError):
+        raise ProtocolError(f"handshake without a valid {key}") from None
+    if len(value) != NONCE_LEN:
+        raise ProtocolError(f"handshake {key} has the wrong length")
+    return value
+
+
+def client_handshake(
+    sock: socket.socket, secret: bytes, hello: dict[str, Any], max_frame: int, peer: str
+) -> tuple[Connection, Frame]:
+    """Authenticate to the server; return the connection and its WELCOME frame."""
+    c2s, s2c = _handshake_keys(secret)
+    conn = Connection(sock, c2s, s2c, max_frame, peer)
+    nonce_c = os.urandom(NONCE_LEN)
+    conn.send(MsgType.HELLO, {**hello, "nonce": nonce_c.hex()})
+    nonce_s = _nonce(conn.expect(MsgType.CHALLENGE, MsgType.REJECT).meta, "nonce")
+    conn.send(MsgType.AUTH, {"proof": _proof(secret, nonce_c, nonce_s)})
+    conn.rekey(*_session_keys(secret, nonce_c, nonce_s))
+    reply = conn.expect(MsgType.WELCOME, MsgType.REJECT)
+    if reply.type == MsgType.REJECT:
+        raise ProtocolError(f"server refused us: {reply.meta.get('reason', '?')}")
+    return conn, reply
+
+
+def server_handshake(
+    sock: socket.socket, secret: bytes, max_frame: int, peer: str
+) -> tuple[Connection, dict[str, Any]]:
+    """Check a client's proof of the secret; the caller sends WELCOME or REJECT after."""
+    c2s, s2c = _handshake_keys(secret)
+    conn = Connection(sock, s2c, c2s, max_frame, peer)
+    hello = conn.expect(MsgType.HELLO).meta
+    nonce_c = _nonce(hello, "nonce")
+    nonce_s = os.urandom(NONCE_LEN)
+    conn.send(MsgType.CHALLENGE, {"nonce": nonce_s.hex()})
+    proof = conn.expect(MsgType.AUTH).meta.get("proof")
+    if not isinstance(proof, str) or not hmac.compare_digest(
+        proof, _proof(secret, nonce_c, nonce_s)
+    ):
+        raise ProtocolError("authentication failed (wrong cluster secret?)")
+    send_key, recv_key = _session_keys(secret, nonce_c, nonce_s)[::-1]
+    conn.rekey(send_key, recv_key)
+    return conn, hello

@@ -1,0 +1,111 @@
+"""A model replica whose parameters, gradients and Adam state each live in one flat buffer.
+
+One contiguous float32 buffer per quantity means a step's gradients go on the wire as a single
+zero-copy payload, the averaged gradients are received straight into the gradient buffer, and
+the whole optimizer state fits in three tensors for joiners and checkpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from smolcluster.model import build_model
+
+
+class Replica:
+    def __init__(self, model: nn.Module, lr: float) -> None:
+        self.model = model
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.names = [name for name, p in model.named_parameters() if p.requires_grad]
+        self.numel = sum(p.numel() for p in params)
+        self.params = torch.zeros(self.numel, dtype=torch.float32)
+        self.grads = torch.zeros(self.numel, dtype=torch.float32)
+        self.slices: list[tuple[int, int]] = []
+        offset = 0
+        for p in params:
+            n = p.numel()
+            self.params[offset : offset + n].copy_(p.detach().reshape(-1))
+            p.data = self.params[offset : offset + n].view_as(p)
+            p.grad = self.grads[offset : offset + n].view_as(p)
+            self.slices.append((offset, offset + n))
+            offset += n
+        # The optimizer steps one flat tensor that shares storage with every module parameter.
+        self.flat = nn.Parameter(self.params, requires_grad=True)
+        self.flat.grad = self.grads
+        self.optimizer = torch.optim.Adam([self.flat], lr=lr)
+        state = self.optimizer.state[self.flat]
+        state["step"] = torch.tensor(0.0)
+        state["exp_avg"] = torch.zeros_like(self.params)
+        state["exp_avg_sq"] = torch.zeros_like(self.params)
+
+    @classmethod
+    def build(cls, model_cfg, lr: float, seed: int) -> Replica:
+        model = build_model(
+            model_cfg.type, model_cfg.input_dim, model_cfg.hidden, model_cfg.out, seed
+        )
+        return cls(model, lr)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * 4
+
+    def compute_gradients(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """Forward and backward on one batch; gradients land in self.grads. Returns the loss."""
+        self.grads.zero_()
+        loss = nn.functional.cross_entropy(self.model(x), y)
+        loss.backward()
+        return float(loss.detach())
+
+    def step(self) -> None:
+        """Apply self.grads (local, or an average written into it) with Adam."""
+        self.optimizer.step()
+
+    # -- state that must be identical on every replica ------------------------------------------
+    @property
+    def optimizer_step(self) -> int:
+        return int(self.optimizer.state[self.flat]["step"].item())
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        state = self.optimizer.state[self.flat]
+        return [self.params, state["exp_avg"], state["exp_avg_sq"]]
+
+    def state_buffer(self) -> torch.Tensor:
+        return torch.cat(self.state_tensors())
+
+    def load_state_buffer(self, buffer: torch.Tensor, optimizer_step: int) -> None:
+        for target, chunk in zip(self.state_tensors(), buffer.split(self.numel), strict=True):
+            target.copy_(chunk)
+        self.optimizer.state[self.flat]["step"].fill_(float(optimizer_step))
+
+    def checksum(self) -> str:
+        """Digest of the exact parameter bytes: replicas in lockstep are bit-identical."""
+        return hashlib.sha256(self.params.numpy().tobytes()).hexdigest()[:16]
+
+    def average_into_grads(self, parts: list[tuple[int, torch.Tensor]]) -> int:
+        """Set self.grads to the sample-weighted mean of (samples, gradients) parts.
+
+        Parts are summed in the order given (callers use rank order): float addition is not
+        associative, and Adam's early, nearly sign-like steps turn last-bit differences into
+        visible ones, so every replica and the baseline must round exactly alike.
+        """
+        total = sum(n for n, _ in parts)
+        self.grads.zero_()
+        for n, grads in parts:
+            self.grads.add_(grads, alpha=n)
+        self.grads.div_(total)
+        return total
+
+    def save(self, path: Path) -> None:
+        """The trained weights as a plain state_dict (torch.load(..., weights_only=True))."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(self.model.state_dict(), path)
+
+    def grad_norms(self) -> dict[str, float]:
+        return {
+            name: float(self.grads[a:b].norm())
+            for name, (a, b) in zip(self.names, self.slices, strict=True)
+        }

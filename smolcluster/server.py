@@ -1,0 +1,503 @@
+"""The parameter server: admits authenticated workers and drives synchronous training.
+
+Threads: one accepts connections, one per connection authenticates and then reads frames into
+the event queue. Only the main thread changes training state or sends, so a broken peer can
+only ever close its own connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from smolcluster import quantize
+from smolcluster.config import Settings
+from smolcluster.data import evaluate
+from smolcluster.metrics import Metrics, run_name
+from smolcluster.plan import Plan, load_test, load_train, make_plan, shard_loader
+from smolcluster.protocol import (
+    FLAG_INT8,
+    Connection,
+    Frame,
+    MsgType,
+    ProtocolError,
+    read_secret,
+    server_handshake,
+)
+from smolcluster.replica import Replica
+
+log = logging.getLogger("smolcluster")
+
+
+@dataclass(eq=False)
+class Peer:
+    conn: Connection
+    host: str
+    rank: int
+    joined_at: float = field(default_factory=time.monotonic)
+    samples: int = 0
+    steps: int = 0
+    decoded: torch.Tensor | None = None  # int8 gradients are decoded here
+
+    @property
+    def name(self) -> str:
+        return f"{self.host}(rank {self.rank})"
+
+
+# Events the reader threads hand to the main thread.
+@dataclass
+class Joined:
+    peer: Peer
+
+
+@dataclass
+class Received:
+    peer: Peer
+    frame: Frame
+
+
+@dataclass
+class Gone:
+    peer: Peer
+    reason: str
+
+
+class Server:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.cfg = settings.cluster
+        self.secret = read_secret(settings.secret_path)
+        self.events: queue.Queue[Joined | Received | Gone] = queue.Queue()
+        self.active: list[Peer] = []
+        self.pending: list[Peer] = []
+        self.history: list[Peer] = []  # every peer that ever trained, for the summary
+        self.hosts_connected: set[str] = set()
+        self.lock = threading.Lock()
+        self.checksum_mismatches = 0
+        self.stopping = threading.Event()
+        self.listener: socket.socket | None = None
+
+    # -- connections ---------------------------------------------------------------------------
+    def listen(self) -> None:
+        sock = socket.create_server((self.cfg.bind_address, self.cfg.port), reuse_port=False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener = sock
+        threading.Thread(target=self._accept_loop, name="accept", daemon=True).start()
+        log.info("listening on %s:%d", self.cfg.bind_address, self.cfg.port)
+
+    def _accept_loop(self) -> None:
+        assert self.listener is not None
+        while not self.stopping.is_set():
+            try:
+                sock, address = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(
+                target=self._serve_connection,
+                args=(sock, address),
+                name=f"peer-{address[0]}:{address[1]}",
+                daemon=True,
+            ).start()
+
+    def _serve_connection(self, sock: socket.socket, address: tuple[str, int]) -> None:
+        where = f"{address[0]}:{address[1]}"
+        sock.settimeout(self.cfg.handshake_timeout_s)
+        try:
+            conn, hello = server_handshake(sock, self.secret, self.cfg.max_frame_bytes, where)
+            peer = self._admit(conn, hello)
+        except ProtocolError as exc:
+            log.warning("refused connection from %s: %s", where, exc)
+            sock.close()
+            return
+        sock.settimeout(None)
+        self.events.put(Joined(peer))
+        reason = "left"
+        try:
+            while True:
+                frame = conn.recv()
+                self.events.put(Received(peer, frame))
+                if frame.type in (MsgType.BYE, MsgType.ERROR):
+                    reason = frame.meta.get("reason", "said goodbye")
+                    break
+        except ProtocolError as exc:
+            reason = str(exc)
+        finally:
+            with self.lock:
+                self.hosts_connected.discard(peer.host)
+            self.events.put(Gone(peer, reason))
+
+    def _admit(self, conn: Connection, hello: dict[str, Any]) -> Peer:
+        host, rank = hello.get("host"), hello.get("rank")
+        reason = None
+        if host not in self.cfg.workers:
+            reason = f"host {host!r} is not in this cluster's workers"
+        elif rank != self.cfg.rank_of(host):
+            reason = f"{host} has rank {self.cfg.rank_of(host)}, not {rank!r}"
+        elif hello.get("mode") != self.cfg.mode:
+            reason = f"server runs mode {self.cfg.mode}, worker asked for {hello.get('mode')!r}"
+        else:
+            with self.lock:
+                if host in self.hosts_connected:
+                    reason = f"{host} is already connected"
+                else:
+                    self.hosts_connected.add(host)
+        if reason:
+            conn.send(MsgType.REJECT, {"reason": reason})
+            conn.close()
+            raise ProtocolError(reason)
+        conn.send(MsgType.WELCOME, {"server": self.cfg.server, "mode": self.cfg.mode})
+        return Peer(conn, host, rank)
+
+    def drop(self, peer: Peer, reason: str, error: bool = False) -> None:
+        for group in (self.active, self.pending):
+            if peer in group:
+                group.remove(peer)
+                (log.error if error else log.warning)("dropped %s: %s", peer.name, reason)
+        if error:
+            with contextlib.suppress(OSError):
+                peer.conn.send(MsgType.ERROR, {"reason": reason})
+        peer.conn.close()
+
+    def send_to(
+        self, peer: Peer, mtype: MsgType, meta: dict[str, Any], payload: Any = b"", flags: int = 0
+    ) -> bool:
+        try:
+            peer.conn.send(mtype, meta, payload, flags)
+            return True
+        except OSError as exc:
+            self.drop(peer, f"send failed: {exc}")
+            return False
+
+    # -- the run -------------------------------------------------------------------------------
+    def run(self) -> int:
+        settings, nn_cfg = self.settings, self.settings.nn
+        x_test, y_test = load_test(settings)
+        x_train, y_train = load_train(settings)
+        plan = make_plan(settings, len(x_train))
+        own = shard_loader(settings, x_train, y_train, 0) if self.cfg.server_trains else None
+        replica = Replica.build(nn_cfg.model, nn_cfg.learning_rate, self.cfg.seed)
+        metrics = Metrics(
+            settings.metrics_dir,
+            self.cfg.server,
+            "server",
+            run_name(
+                "server",
+                self.cfg.server,
+                nn_cfg.learning_rate,
+                nn_cfg.batch_size,
+                self.cfg.num_workers,
+            ),
+            self.cfg.wandb_mode,
+            _flat_config(settings),
+        )
+        log.info("dataset: %s", plan.dataset)
+        log.info(
+            "plan: %d steps (%d per epoch), batch %d per worker, %d workers, mode %s%s",
+            plan.total_steps,
+            plan.steps_per_epoch,
+            nn_cfg.batch_size,
+            self.cfg.num_workers,
+            self.cfg.mode,
+            ", int8 on the wire" if self.cfg.use_quantization else "",
+        )
+        metrics.write(
+            "start",
+            role="server",
+            host=self.cfg.server,
+            mode=self.cfg.mode,
+            backend="socket",
+            dataset=plan.dataset,
+            workers=self.cfg.num_workers,
+            total_steps=plan.total_steps,
+            quantization=self.cfg.use_quantization,
+        )
+        self.listen()
+        try:
+            self._wait_for_workers()
+            accuracy, val_loss = self._train(plan, replica, own, metrics, x_test, y_test)
+        finally:
+            self.stopping.set()
+            if self.listener is not None:
+                self.listener.close()
+        replica.save(settings.metrics_dir / f"{self.cfg.server}-model.pt")
+        for peer in list(self.active) + list(self.pending):
+            self.send_to(peer, MsgType.DONE, {"final_accuracy": accuracy})
+        self._await_goodbyes()
+        metrics.write(
+            "summary",
+            role="server",
+            host=self.cfg.server,
+            steps=plan.total_steps,
+            final_accuracy=accuracy,
+            final_val_loss=val_loss,
+            dataset=plan.dataset,
+            checksum_mismatches=self.checksum_mismatches,
+            bytes_sent=sum(p.conn.bytes_sent for p in self.history),
+            bytes_recv=sum(p.conn.bytes_recv for p in self.history),
+            workers=self._per_host(),
+        )
+        metrics.close()
+        log.info(
+            "done: %d steps, test accuracy %.4f, test loss %.4f",
+            plan.total_steps,
+            accuracy,
+            val_loss,
+        )
+        return 0
+
+    def _wait_for_workers(self) -> None:
+        deadline = time.monotonic() + self.cfg.join_timeout_s
+        while len(self.pending) < self.cfg.num_workers:
+            try:
+                event = self.events.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            self._handle_membership(event)
+        if len(self.pending) < self.cfg.min_workers:
+            raise RuntimeError(
+                f"only {len(self.pending)} of {self.cfg.num_workers} workers "
+                f"joined within {self.cfg.join_timeout_s:.0f} s"
+            )
+        log.info(
+            "starting with %d workers: %s",
+            len(self.pending),
+            ", ".join(p.name for p in self.pending),
+        )
+
+    def _handle_membership(self, event: Joined | Received | Gone) -> None:
+        if isinstance(event, Joined):
+            log.info("%s joined", event.peer.name)
+            self.pending.append(event.peer)
+        elif isinstance(event, Gone) and (event.peer in self.active or event.peer in self.pending):
+            self.drop(event.peer, event.reason)
+
+    def _admit_pending(self, step: int, replica: Replica, plan: Plan) -> None:
+        if not self.pending:
+            return
+        state = replica.state_buffer()
+        for peer in list(self.pending):
+            meta = {
+                "step": step,
+                "total_steps": plan.total_steps,
+                "steps_per_epoch": plan.steps_per_epoch,
+                "optimizer_step": replica.optimizer_step,
+                "numel": replica.numel,
+            }
+            if self.send_to(peer, MsgType.START, meta, state.numpy()):
+                self.pending.remove(peer)
+                self.active.append(peer)
+                self.history.append(peer)
+
+    def _train(
+        self,
+        plan: Plan,
+        replica: Replica,
+        own: Any,
+        metrics: Metrics,
+        x_test: torch.Tensor,
+        y_test: torch.Tensor,
+    ) -> tuple[float, float]:
+        cfg, nn_cfg = self.cfg, self.settings.nn
+        own_grads = torch.zeros(replica.numel)
+        progress = tqdm(
+            total=plan.total_steps, desc="train", unit="step", disable=not sys.stderr.isatty()
+        )
+        accuracy = val_loss = float("nan")
+        step = 0
+        while step < plan.total_steps:
+            self._admit_pending(step, replica, plan)
+            started = time.monotonic()
+            parts: list[tuple[int, torch.Tensor]] = []
+            loss_sum = 0.0
+            if own is not None:
+                epoch, i = plan.position(step)
+                x, y = own.batch(epoch, i)
+                loss_sum += replica.compute_gradients(x, y) * len(y)
+                own_grads.copy_(replica.grads)
+                parts.append((len(y), own_grads))
+            answered = self._collect(step, replica)
+            for peer, (n, loss, grads) in sorted(answered.items(), key=lambda kv: kv[0].rank):
+                parts.append((n, grads))
+                loss_sum += loss * n
+                peer.samples += n
+                peer.steps += 1
+            if not parts:
+                if not self.active and not self.pending:
+                    self._wait_for_rejoin()
+                continue  # nobody answered: run this step again with whoever is there
+            samples = replica.average_into_grads(parts)
+            flags, payload = 0, replica.grads.numpy()
+            if cfg.use_quantization:
+                encoded = quantize.encode(replica.grads)
+                quantize.decode(encoded, replica.numel, out=replica.grads)
+                flags, payload = FLAG_INT8, encoded.numpy()
+            last = step + 1 == plan.total_steps
+            for peer in answered:
+                self.send_to(peer, MsgType.AVERAGE, {"step": step, "last": last}, payload, flags)
+            grad_norms = replica.grad_norms() if nn_cfg.track_gradients else None
+            replica.step()
+            step += 1
+            progress.update(1)
+            elapsed = time.monotonic() - started
+            metrics.write(
+                "step",
+                step=step,
+                epoch=plan.epoch_of(step - 1),
+                loss=loss_sum / samples,
+                samples=samples,
+                workers=len(answered),
+                step_time_s=round(elapsed, 6),
+                samples_per_s=round(samples / elapsed, 2) if elapsed else None,
+                bytes_sent=sum(p.conn.bytes_sent for p in self.history),
+                bytes_recv=sum(p.conn.bytes_recv for p in self.history),
+                **({"grad_norms": grad_norms} if grad_norms else {}),
+            )
+            if step % nn_cfg.eval_steps == 0 or step == plan.total_steps:
+                val_loss, accuracy = evaluate(replica.model, x_test, y_test)
+                metrics.write(
+                    "eval",
+                    step=step,
+                    epoch=plan.epoch_of(step - 1),
+                    val_loss=val_loss,
+                    val_accuracy=accuracy,
+                )
+                log.info(
+                    "step %d/%d  loss %.4f  test loss %.4f  test accuracy %.4f",
+                    step,
+                    plan.total_steps,
+                    loss_sum / samples,
+                    val_loss,
+                    accuracy,
+                )
+        progress.close()
+        return accuracy, val_loss
+
+    def _collect(self, step: int, replica: Replica) -> dict[Peer, tuple[int, float, torch.Tensor]]:
+        """Gradients of this step from every active worker; drop who misses the deadline.
+
+        fp32 gradients stay in the connection's receive buffer, which the worker cannot
+        overwrite before it gets this step's average."""
+        answered: dict[Peer, tuple[int, float, torch.Tensor]] = {}
+        expected_checksum = replica.checksum() if step % self.cfg.checksum_interval == 0 else None
+        deadline = time.monotonic() + self.cfg.step_timeout_s
+        while any(p not in answered for p in self.active):
+            try:
+                event = self.events.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                for peer in [p for p in self.active if p not in answered]:
+                    self.drop(
+                        peer, f"no gradients for step {step} within {self.cfg.step_timeout_s:.0f} s"
+                    )
+                break
+            if not isinstance(event, Received):
+                self._handle_membership(event)
+                continue
+            peer, frame = event.peer, event.frame
+            if peer not in self.active or frame.type == MsgType.HEARTBEAT:
+                continue
+            try:
+                answered[peer] = self._gradients(peer, frame, step, replica, expected_checksum)
+            except ProtocolError as exc:
+                self.drop(peer, str(exc), error=True)
+        return answered
+
+    def _gradients(
+        self, peer: Peer, frame: Frame, step: int, replica: Replica, expected_checksum: str | None
+    ) -> tuple[int, float, torch.Tensor]:
+        meta = frame.meta
+        if frame.type != MsgType.GRADS:
+            raise ProtocolError(f"unexpected {frame.type.name} during step {step}")
+        if meta.get("step") != step:
+            raise ProtocolError(f"gradients for step {meta.get('step')!r}, expected {step}")
+        n, loss = meta.get("samples"), meta.get("loss")
+        if not isinstance(n, int) or n <= 0 or not isinstance(loss, int | float):
+            raise ProtocolError("gradients without a valid sample count and loss")
+        if expected_checksum is not None and meta.get("checksum") != expected_checksum:
+            self.checksum_mismatches += 1
+            raise ProtocolError(
+                f"parameter checksum {meta.get('checksum')!r} differs from the "
+                f"server's {expected_checksum} at step {step}: replica diverged"
+            )
+        expected = (
+            quantize.encoded_nbytes(replica.numel) if frame.flags & FLAG_INT8 else replica.nbytes
+        )
+        if frame.payload.nbytes != expected:
+            raise ProtocolError(
+                f"gradient payload of {frame.payload.nbytes} bytes, expected {expected}"
+            )
+        if frame.flags & FLAG_INT8:
+            raw = torch.frombuffer(frame.payload, dtype=torch.uint8)
+            if peer.decoded is None:
+                peer.decoded = torch.empty(replica.numel)
+            grads = quantize.decode(raw, replica.numel, out=peer.decoded)
+        else:
+            grads = torch.frombuffer(frame.payload, dtype=torch.float32)
+        if not torch.isfinite(grads).all():
+            raise ProtocolError("non-finite gradients")
+        return n, float(loss), grads
+
+    def _per_host(self) -> dict[str, dict[str, float]]:
+        """What each worker host did, summed over its connections (rejoins included)."""
+        hosts: dict[str, dict[str, float]] = {}
+        for peer in self.history:
+            row = hosts.setdefault(
+                peer.host,
+                {
+                    "steps": 0,
+                    "samples": 0,
+                    "connections": 0,
+                    "bytes_sent": 0,
+                    "bytes_recv": 0,
+                    "seconds": 0.0,
+                },
+            )
+            row["steps"] += peer.steps
+            row["samples"] += peer.samples
+            row["connections"] += 1
+            row["bytes_sent"] += peer.conn.bytes_recv  # what the worker sent us
+            row["bytes_recv"] += peer.conn.bytes_sent
+            row["seconds"] += time.monotonic() - peer.joined_at
+        for row in hosts.values():
+            row["samples_per_s"] = round(row["samples"] / row.pop("seconds"), 2)
+        return hosts
+
+    def _wait_for_rejoin(self) -> None:
+        log.warning(
+            "no workers left; waiting up to %.0f s for one to join", self.cfg.join_timeout_s
+        )
+        try:
+            event = self.events.get(timeout=self.cfg.join_timeout_s)
+        except queue.Empty:
+            raise RuntimeError("every worker is gone and none came back") from None
+        self._handle_membership(event)
+
+    def _await_goodbyes(self, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        remaining = set(self.active) | set(self.pending)
+        while remaining and time.monotonic() < deadline:
+            try:
+                event = self.events.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if (
+                isinstance(event, Gone | Received)
+                and event.peer in remaining
+                and (isinstance(event, Gone) or event.frame.type == MsgType.BYE)
+            ):
+                remaining.discard(event.peer)
+        for peer in list(self.active) + list(self.pending):
+            peer.conn.close()
+
+
+def _flat_config(settings: Settings) -> dict[str, Any]:
+    return {**settings.cluster.model_dump(), **settings.nn.model_dump()}

@@ -1,0 +1,218 @@
+"""A worker: dials the server, authenticates, and trains its shard in lockstep with the others.
+
+The server decides everything about the run (start step, weights, optimizer state, the end);
+the worker only computes gradients on its shard and applies the averages it gets back. If the
+connection breaks it dials again with backoff and the server resynchronizes it at a step
+boundary.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+
+import torch
+
+from smolcluster import quantize
+from smolcluster.config import Settings
+from smolcluster.metrics import Metrics, run_name
+from smolcluster.plan import load_train, make_plan, shard_loader
+from smolcluster.protocol import (
+    FLAG_INT8,
+    Connection,
+    MsgType,
+    PeerClosed,
+    ProtocolError,
+    client_handshake,
+    read_secret,
+)
+from smolcluster.replica import Replica
+
+log = logging.getLogger("smolcluster")
+
+
+class ServerGone(Exception):
+    """The server stayed unreachable for all the configured retries."""
+
+
+class Worker:
+    def __init__(self, settings: Settings, host: str, throttle_s: float = 0.0) -> None:
+        self.settings = settings
+        self.cfg = settings.cluster
+        self.host = host
+        self.rank = self.cfg.rank_of(host)
+        self.server_address = self.cfg.host_ip[host]
+        self.throttle_s = throttle_s or self.cfg.throttle_s.get(host, 0.0)
+        self.secret = read_secret(settings.secret_path)
+        self.bytes_sent = 0
+        self.bytes_recv = 0
+        self.samples = 0
+        self.steps = 0
+
+    def connect(self) -> Connection:
+        """Dial with exponential backoff capped at connect_backoff_s, connect_retries times."""
+        delay = min(0.2, self.cfg.connect_backoff_s)
+        target = (self.server_address, self.cfg.port)
+        last_error: Exception | None = None
+        for attempt in range(1, self.cfg.connect_retries + 1):
+            try:
+                sock = socket.create_connection(target, timeout=self.cfg.handshake_timeout_s)
+                conn, _ = client_handshake(
+                    sock,
+                    self.secret,
+                    {"host": self.host, "rank": self.rank, "role": "worker", "mode": self.cfg.mode},
+                    self.cfg.max_frame_bytes,
+                    f"{target[0]}:{target[1]}",
+                )
+                sock.settimeout(None)
+                log.info("connected to %s:%d as %s (rank %d)", *target, self.host, self.rank)
+                return conn
+            except PeerClosed as exc:
+                last_error = exc
+            except ProtocolError:
+                raise  # refused or wrong secret: retrying cannot help
+            except OSError as exc:
+                last_error = exc
+            if attempt == 1 or attempt % 10 == 0:
+                log.info("server %s:%d not reachable (%s); retrying", *target, last_error)
+            time.sleep(delay)
+            delay = min(delay * 2, self.cfg.connect_backoff_s)
+        raise ServerGone(
+            f"could not reach the server at {target[0]}:{target[1]} after "
+            f"{self.cfg.connect_retries} attempts: {last_error}"
+        )
+
+    def run(self) -> int:
+        settings, nn_cfg = self.settings, self.settings.nn
+        x, y = load_train(settings)
+        plan = make_plan(settings, len(x))
+        loader = shard_loader(settings, x, y, self.rank)
+        replica = Replica.build(nn_cfg.model, nn_cfg.learning_rate, self.cfg.seed)
+        metrics = Metrics(
+            settings.metrics_dir,
+            self.host,
+            "worker",
+            run_name(
+                "worker",
+                self.host,
+                nn_cfg.learning_rate,
+                nn_cfg.batch_size,
+                self.cfg.num_workers,
+                self.rank,
+            ),
+            self.cfg.wandb_mode,
+            {"rank": self.rank, "host": self.host},
+        )
+        log.info("dataset: %s; shard of %d samples", plan.dataset, len(loader.indices))
+        metrics.write(
+            "start",
+            role="worker",
+            host=self.host,
+            rank=self.rank,
+            mode=self.cfg.mode,
+            backend="socket",
+            dataset=plan.dataset,
+            workers=self.cfg.num_workers,
+            total_steps=plan.total_steps,
+        )
+        try:
+            while True:
+                conn = self.connect()
+                try:
+                    finished = self._session(conn, plan, loader, replica, metrics)
+                except PeerClosed as exc:
+                    log.warning("lost the server (%s); reconnecting", exc)
+                    continue
+                finally:
+                    self.bytes_sent += conn.bytes_sent
+                    self.bytes_recv += conn.bytes_recv
+                    conn.close()
+                if finished:
+                    break
+        finally:
+            metrics.write(
+                "summary",
+                role="worker",
+                host=self.host,
+                rank=self.rank,
+                steps=self.steps,
+                samples=self.samples,
+                samples_per_s=round(self.samples / max(metrics.wall, 1e-9), 2),
+                bytes_sent=self.bytes_sent,
+                bytes_recv=self.bytes_recv,
+            )
+            metrics.close()
+        return 0
+
+    def _session(self, conn: Connection, plan, loader, replica: Replica, metrics: Metrics) -> bool:
+        """Train over one connection; True when the server said the run is done."""
+        step = -1
+        into = {MsgType.AVERAGE: self._average_target(replica)}
+        while True:
+            frame = conn.recv(into)
+            if frame.type == MsgType.START:
+                step = frame.meta["step"]
+                state = torch.frombuffer(frame.payload, dtype=torch.float32)
+                replica.load_state_buffer(state, frame.meta["optimizer_step"])
+                log.info("synchronized at step %d of %d", step, frame.meta["total_steps"])
+            elif frame.type == MsgType.AVERAGE:
+                if frame.meta.get("step") != step:
+                    raise ProtocolError(
+                        f"average for step {frame.meta.get('step')}, expected {step}"
+                    )
+                if frame.flags & FLAG_INT8:
+                    quantize.decode(self._int8_buffer, replica.numel, out=replica.grads)
+                replica.step()
+                step += 1
+                if frame.meta.get("last"):
+                    continue  # DONE follows
+            elif frame.type == MsgType.DONE:
+                conn.send(MsgType.BYE, {"reason": "run finished"})
+                log.info(
+                    "server finished the run (test accuracy %s)", frame.meta.get("final_accuracy")
+                )
+                return True
+            elif frame.type == MsgType.ERROR:
+                raise ProtocolError(f"server reported: {frame.meta.get('reason')}")
+            else:
+                raise ProtocolError(f"unexpected {frame.type.name}")
+            self._send_gradients(conn, step, plan, loader, replica, metrics)
+
+    def _average_target(self, replica: Replica) -> memoryview:
+        # The average lands straight in the gradient buffer (fp32) or the int8 staging buffer.
+        if self.cfg.use_quantization:
+            if not hasattr(self, "_int8_buffer"):
+                self._int8_buffer = torch.empty(
+                    quantize.encoded_nbytes(replica.numel), dtype=torch.uint8
+                )
+            return memoryview(self._int8_buffer.numpy())
+        return memoryview(replica.grads.numpy())
+
+    def _send_gradients(
+        self, conn: Connection, step: int, plan, loader, replica: Replica, metrics: Metrics
+    ) -> None:
+        started = time.monotonic()
+        epoch, i = plan.position(step)
+        x, y = loader.batch(epoch, i)
+        meta = {"step": step, "samples": len(y)}
+        if step % self.cfg.checksum_interval == 0:
+            meta["checksum"] = replica.checksum()
+        meta["loss"] = replica.compute_gradients(x, y)
+        if self.throttle_s:
+            time.sleep(self.throttle_s)
+        if self.cfg.use_quantization:
+            conn.send(MsgType.GRADS, meta, quantize.encode(replica.grads).numpy(), FLAG_INT8)
+        else:
+            conn.send(MsgType.GRADS, meta, replica.grads.numpy())
+        self.samples += len(y)
+        self.steps += 1
+        metrics.write(
+            "step",
+            step=step + 1,
+            epoch=epoch,
+            loss=meta["loss"],
+            compute_s=round(time.monotonic() - started, 6),
+            bytes_sent=self.bytes_sent + conn.bytes_sent,
+            bytes_recv=self.bytes_recv + conn.bytes_recv,
+        )
