@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Set up this checkout on a fresh machine: a venv in .venv with smolcluster, the controller
+# tools (ansible, paramiko, matplotlib) and, with --dev, the test tools and the lab's packages.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+dev=false
+[[ "${1:-}" == "--dev" ]] && dev=true
+python=${PYTHON:-python3}
+
+if [[ ! -x .venv/bin/python ]]; then
+  "$python" -m venv .venv
+fi
+extras=controller
+$dev && extras=controller,dev
+# torch/torchvision come from the default index (pip's config decides which build).
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[$extras]"
+
+if $dev && [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+  # The namespace lab needs these (tests skip the lab without root).
+  need=()
+  for cmd in sshd:openssh-server ip:iproute2 ping:iputils-ping tmux:tmux socat:socat; do
+    command -v "${cmd%%:*}" >/dev/null || [[ -x /usr/sbin/${cmd%%:*} ]] || need+=("${cmd#*:}")
+  done
+  if ((${#need[@]})); then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  fi
+fi
+echo "setup done: $(.venv/bin/python -c 'import torch, smolcluster; print("torch", torch.__version__, "smolcluster", smolcluster.__version__)')"
