@@ -141,7 +141,7 @@ def _run_server(args: argparse.Namespace) -> int:
         return run_from_settings(settings, "server", 0, settings.cluster.server)
     from smolcluster.server import Server
 
-    return Server(settings).run()
+    return Server(settings).run(resume=args.resume)
 
 
 def _run_worker(args: argparse.Namespace) -> int:

@@ -55,6 +55,8 @@ class ClusterConfig(_Strict):
     join_timeout_s: float = Field(default=300.0, gt=0)
     step_timeout_s: float = Field(default=60.0, gt=0)
     heartbeat_interval_s: float = Field(default=2.0, gt=0)
+    heartbeat_timeout_s: float = Field(default=15.0, gt=0)
+    push_interval: int | None = Field(default=None, ge=1)  # elastic K; None: update interval
     checksum_interval: int = Field(default=50, ge=1)
     server_trains: bool = False
     min_workers: int = Field(default=1, ge=1)

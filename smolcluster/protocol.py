@@ -15,6 +15,7 @@ import json
 import os
 import socket
 import struct
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum
@@ -55,6 +56,10 @@ class ProtocolError(Exception):
 
 class PeerClosed(ProtocolError):
     """The peer closed the connection (cleanly or not) between or inside frames."""
+
+
+class PeerTimeout(PeerClosed):
+    """Nothing arrived within the socket's timeout: the peer or the path to it is gone."""
 
 
 @dataclass
@@ -111,6 +116,7 @@ class Connection:
         self._header = bytearray(HEADER.size)
         self._tag = bytearray(TAG_LEN)
         self._payload = bytearray(0)
+        self._send_lock = threading.Lock()  # heartbeats come from a second thread
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def rekey(self, send_key: bytes, recv_key: bytes) -> None:
@@ -126,15 +132,16 @@ class Connection:
     ) -> None:
         meta_bytes = json.dumps(meta or {}, separators=(",", ":")).encode()
         body = memoryview(payload).cast("B")
-        header = HEADER.pack(
-            MAGIC, VERSION, int(mtype), flags, self._send_seq, len(meta_bytes), body.nbytes
-        )
-        mac = hmac.new(self._send_key, header, hashlib.sha256)
-        mac.update(meta_bytes)
-        mac.update(body)
-        self._send_seq += 1
-        # One gathered write: no copy of the payload, no small packets with TCP_NODELAY.
-        self._sendmsg([header + meta_bytes, body, mac.digest()])
+        with self._send_lock:
+            header = HEADER.pack(
+                MAGIC, VERSION, int(mtype), flags, self._send_seq, len(meta_bytes), body.nbytes
+            )
+            mac = hmac.new(self._send_key, header, hashlib.sha256)
+            mac.update(meta_bytes)
+            mac.update(body)
+            self._send_seq += 1
+            # One gathered write: no copy of the payload, no small packets with TCP_NODELAY.
+            self._sendmsg([header + meta_bytes, body, mac.digest()])
 
     def _sendmsg(self, parts: list[bytes | memoryview]) -> None:
         views = [memoryview(p).cast("B") for p in parts if len(p)]
@@ -209,7 +216,7 @@ class Connection:
             try:
                 got = self.sock.recv_into(view)
             except TimeoutError:
-                raise ProtocolError("timed out waiting for data") from None
+                raise PeerTimeout("timed out waiting for data") from None
             except OSError as exc:
                 raise PeerClosed(f"connection lost: {exc.strerror or exc}") from None
             if got == 0:

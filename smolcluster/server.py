@@ -10,17 +10,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+import signal
 import socket
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from smolcluster import quantize
+from smolcluster import checkpoint, quantize
 from smolcluster.config import Settings
 from smolcluster.data import evaluate
 from smolcluster.metrics import Metrics, run_name
@@ -45,6 +47,7 @@ class Peer:
     host: str
     rank: int
     joined_at: float = field(default_factory=time.monotonic)
+    last_seen: float = field(default_factory=time.monotonic)
     samples: int = 0
     steps: int = 0
     decoded: torch.Tensor | None = None  # int8 gradients are decoded here
@@ -85,7 +88,11 @@ class Server:
         self.lock = threading.Lock()
         self.checksum_mismatches = 0
         self.stopping = threading.Event()
+        self.terminate = threading.Event()  # SIGTERM: checkpoint at the next boundary, exit
         self.listener: socket.socket | None = None
+        # Progress that a checkpoint carries across a restart.
+        self.step = 0  # sync: optimizer steps taken; elastic: global version
+        self.samples_merged = 0
 
     # -- connections ---------------------------------------------------------------------------
     def listen(self) -> None:
@@ -125,6 +132,9 @@ class Server:
         try:
             while True:
                 frame = conn.recv()
+                peer.last_seen = time.monotonic()
+                if frame.type == MsgType.HEARTBEAT:
+                    continue
                 self.events.put(Received(peer, frame))
                 if frame.type in (MsgType.BYE, MsgType.ERROR):
                     reason = frame.meta.get("reason", "said goodbye")
@@ -179,68 +189,79 @@ class Server:
             return False
 
     # -- the run -------------------------------------------------------------------------------
-    def run(self) -> int:
-        settings, nn_cfg = self.settings, self.settings.nn
+    def run(self, resume: bool = False) -> int:
+        settings, cfg, nn_cfg = self.settings, self.cfg, self.settings.nn
         x_test, y_test = load_test(settings)
         x_train, y_train = load_train(settings)
         plan = make_plan(settings, len(x_train))
-        own = shard_loader(settings, x_train, y_train, 0) if self.cfg.server_trains else None
-        replica = Replica.build(nn_cfg.model, nn_cfg.learning_rate, self.cfg.seed)
-        metrics = Metrics(
-            settings.metrics_dir,
-            self.cfg.server,
-            "server",
-            run_name(
-                "server",
-                self.cfg.server,
-                nn_cfg.learning_rate,
-                nn_cfg.batch_size,
-                self.cfg.num_workers,
-            ),
-            self.cfg.wandb_mode,
-            _flat_config(settings),
+        own = shard_loader(settings, x_train, y_train, 0) if cfg.server_trains else None
+        replica = Replica.build(nn_cfg.model, nn_cfg.learning_rate, cfg.seed)
+        if resume:
+            self._resume(replica)
+        name = run_name(
+            "server", cfg.server, nn_cfg.learning_rate, nn_cfg.batch_size, cfg.num_workers
         )
+        metrics = Metrics(
+            settings.metrics_dir, cfg.server, "server", name, cfg.wandb_mode, _flat_config(settings)
+        )
+        self.evaluator = Evaluator(replica, x_test, y_test, metrics, plan, nn_cfg.eval_steps)
         log.info("dataset: %s", plan.dataset)
         log.info(
             "plan: %d steps (%d per epoch), batch %d per worker, %d workers, mode %s%s",
             plan.total_steps,
             plan.steps_per_epoch,
             nn_cfg.batch_size,
-            self.cfg.num_workers,
-            self.cfg.mode,
-            ", int8 on the wire" if self.cfg.use_quantization else "",
+            cfg.num_workers,
+            cfg.mode,
+            ", int8 on the wire" if cfg.use_quantization else "",
         )
         metrics.write(
             "start",
             role="server",
-            host=self.cfg.server,
-            mode=self.cfg.mode,
+            host=cfg.server,
+            mode=cfg.mode,
             backend="socket",
             dataset=plan.dataset,
-            workers=self.cfg.num_workers,
+            workers=cfg.num_workers,
             total_steps=plan.total_steps,
-            quantization=self.cfg.use_quantization,
+            quantization=cfg.use_quantization,
+            resumed_at=self.step if resume else None,
         )
+        signal.signal(signal.SIGTERM, lambda *_: self.terminate.set())
         self.listen()
         try:
             self._wait_for_workers()
-            accuracy, val_loss = self._train(plan, replica, own, metrics, x_test, y_test)
+            if cfg.mode == "elastic":
+                from smolcluster.elastic import ElasticLoop
+
+                ElasticLoop(self, plan, replica, metrics).run()
+            else:
+                self._train(plan, replica, own, metrics)
+        except Terminated:
+            self._checkpoint(replica)
+            log.warning("stopped by SIGTERM at step %d; checkpoint saved", self.step)
+            metrics.close()
+            return 0
         finally:
             self.stopping.set()
             if self.listener is not None:
                 self.listener.close()
-        replica.save(settings.metrics_dir / f"{self.cfg.server}-model.pt")
+        val_loss, accuracy = self.evaluator.last
+        self._checkpoint(replica)
+        replica.save(settings.metrics_dir / f"{cfg.server}-model.pt")
         for peer in list(self.active) + list(self.pending):
             self.send_to(peer, MsgType.DONE, {"final_accuracy": accuracy})
         self._await_goodbyes()
         metrics.write(
             "summary",
             role="server",
-            host=self.cfg.server,
-            steps=plan.total_steps,
+            host=cfg.server,
+            mode=cfg.mode,
+            steps=self.step,
             final_accuracy=accuracy,
             final_val_loss=val_loss,
             dataset=plan.dataset,
+            samples=self.samples_merged,
             checksum_mismatches=self.checksum_mismatches,
             bytes_sent=sum(p.conn.bytes_sent for p in self.history),
             bytes_recv=sum(p.conn.bytes_recv for p in self.history),
@@ -248,16 +269,69 @@ class Server:
         )
         metrics.close()
         log.info(
-            "done: %d steps, test accuracy %.4f, test loss %.4f",
-            plan.total_steps,
-            accuracy,
-            val_loss,
+            "done: %d steps, test accuracy %.4f, test loss %.4f", self.step, accuracy, val_loss
         )
         return 0
 
+    # -- durability ----------------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.settings.checkpoint_dir / f"{self.cfg.server}.pt"
+
+    def _checkpoint(self, replica: Replica) -> None:
+        params, exp_avg, exp_avg_sq = replica.state_tensors()
+        checkpoint.save(
+            self.checkpoint_path,
+            {
+                "format": 1,
+                "mode": self.cfg.mode,
+                "step": self.step,
+                "samples_merged": self.samples_merged,
+                "params": params,
+                "exp_avg": exp_avg,
+                "exp_avg_sq": exp_avg_sq,
+                "optimizer_step": replica.optimizer_step,
+                "torch_rng": torch.get_rng_state(),
+                "members": sorted({p.host for p in self.active}),
+            },
+        )
+
+    def _resume(self, replica: Replica) -> None:
+        state = checkpoint.load(self.checkpoint_path)
+        if state is None:
+            log.warning("--resume: no checkpoint at %s; starting from step 0", self.checkpoint_path)
+            return
+        if state["mode"] != self.cfg.mode:
+            raise RuntimeError(
+                f"checkpoint {self.checkpoint_path} is from a {state['mode']} "
+                f"run, this run is {self.cfg.mode}"
+            )
+        replica.load_state_buffer(
+            torch.cat([state["params"], state["exp_avg"], state["exp_avg_sq"]]),
+            state["optimizer_step"],
+        )
+        torch.set_rng_state(state["torch_rng"])
+        self.step, self.samples_merged = state["step"], state["samples_merged"]
+        log.info(
+            "resumed from %s at step %d (members then: %s)",
+            self.checkpoint_path,
+            self.step,
+            ", ".join(state["members"]) or "none",
+        )
+
+    def boundary(self, replica: Replica) -> None:
+        """Between steps: checkpoint on schedule; honour SIGTERM."""
+        if self.terminate.is_set():
+            raise Terminated
+        if self.step % self.cfg.checkpoint_every == 0:
+            self._checkpoint(replica)
+
     def _wait_for_workers(self) -> None:
         deadline = time.monotonic() + self.cfg.join_timeout_s
-        while len(self.pending) < self.cfg.num_workers:
+        # Sync waits for everyone (or the timeout); elastic starts with the first min_workers
+        # because anyone may join later at no cost to the others.
+        wanted = self.cfg.min_workers if self.cfg.mode == "elastic" else self.cfg.num_workers
+        while len(self.pending) < wanted:
             try:
                 event = self.events.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
@@ -298,23 +372,18 @@ class Server:
                 self.active.append(peer)
                 self.history.append(peer)
 
-    def _train(
-        self,
-        plan: Plan,
-        replica: Replica,
-        own: Any,
-        metrics: Metrics,
-        x_test: torch.Tensor,
-        y_test: torch.Tensor,
-    ) -> tuple[float, float]:
+    def _train(self, plan: Plan, replica: Replica, own: Any, metrics: Metrics) -> None:
         cfg, nn_cfg = self.cfg, self.settings.nn
         own_grads = torch.zeros(replica.numel)
         progress = tqdm(
-            total=plan.total_steps, desc="train", unit="step", disable=not sys.stderr.isatty()
+            total=plan.total_steps,
+            initial=self.step,
+            desc="train",
+            unit="step",
+            disable=not sys.stderr.isatty(),
         )
-        accuracy = val_loss = float("nan")
-        step = 0
-        while step < plan.total_steps:
+        while self.step < plan.total_steps:
+            step = self.step
             self._admit_pending(step, replica, plan)
             started = time.monotonic()
             parts: list[tuple[int, torch.Tensor]] = []
@@ -346,13 +415,14 @@ class Server:
                 self.send_to(peer, MsgType.AVERAGE, {"step": step, "last": last}, payload, flags)
             grad_norms = replica.grad_norms() if nn_cfg.track_gradients else None
             replica.step()
-            step += 1
+            self.step += 1
+            self.samples_merged += samples
             progress.update(1)
             elapsed = time.monotonic() - started
             metrics.write(
                 "step",
-                step=step,
-                epoch=plan.epoch_of(step - 1),
+                step=self.step,
+                epoch=plan.epoch_of(step),
                 loss=loss_sum / samples,
                 samples=samples,
                 workers=len(answered),
@@ -362,25 +432,9 @@ class Server:
                 bytes_recv=sum(p.conn.bytes_recv for p in self.history),
                 **({"grad_norms": grad_norms} if grad_norms else {}),
             )
-            if step % nn_cfg.eval_steps == 0 or step == plan.total_steps:
-                val_loss, accuracy = evaluate(replica.model, x_test, y_test)
-                metrics.write(
-                    "eval",
-                    step=step,
-                    epoch=plan.epoch_of(step - 1),
-                    val_loss=val_loss,
-                    val_accuracy=accuracy,
-                )
-                log.info(
-                    "step %d/%d  loss %.4f  test loss %.4f  test accuracy %.4f",
-                    step,
-                    plan.total_steps,
-                    loss_sum / samples,
-                    val_loss,
-                    accuracy,
-                )
+            self.evaluator.maybe(self.step, loss_sum / samples, final=last)
+            self.boundary(replica)
         progress.close()
-        return accuracy, val_loss
 
     def _collect(self, step: int, replica: Replica) -> dict[Peer, tuple[int, float, torch.Tensor]]:
         """Gradients of this step from every active worker; drop who misses the deadline.
@@ -497,6 +551,48 @@ class Server:
                 remaining.discard(event.peer)
         for peer in list(self.active) + list(self.pending):
             peer.conn.close()
+
+
+class Terminated(Exception):
+    """SIGTERM arrived; the run stops at a step boundary after a checkpoint."""
+
+
+class Evaluator:
+    """Test-split evaluation every eval_steps and at the end; remembers the latest result."""
+
+    def __init__(
+        self,
+        replica: Replica,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        metrics: Metrics,
+        plan: Plan,
+        every: int,
+    ) -> None:
+        self.replica, self.x, self.y, self.metrics, self.plan = replica, x, y, metrics, plan
+        self.every = every
+        self.last = (float("nan"), float("nan"))
+
+    def maybe(self, step: int, loss: float, final: bool = False) -> None:
+        if step % self.every and not final:
+            return
+        self.last = evaluate(self.replica.model, self.x, self.y)
+        val_loss, accuracy = self.last
+        self.metrics.write(
+            "eval",
+            step=step,
+            epoch=self.plan.epoch_of(max(step - 1, 0)),
+            val_loss=val_loss,
+            val_accuracy=accuracy,
+        )
+        log.info(
+            "step %d/%d  loss %.4f  test loss %.4f  test accuracy %.4f",
+            step,
+            self.plan.total_steps,
+            loss,
+            val_loss,
+            accuracy,
+        )
 
 
 def _flat_config(settings: Settings) -> dict[str, Any]:

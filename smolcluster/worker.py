@@ -151,7 +151,21 @@ class Worker:
         into = {MsgType.AVERAGE: self._average_target(replica)}
         while True:
             frame = conn.recv(into)
+            if frame.type == MsgType.START and self.cfg.mode == "elastic":
+                from smolcluster.elastic import ElasticSession
+
+                log.info("joined at global version %d", frame.meta["version"])
+                conn.sock.settimeout(self.cfg.step_timeout_s + 30)
+                session = ElasticSession(
+                    conn, frame, self.cfg, loader, replica, self.throttle_s, self
+                )
+                session.run(metrics)  # returns once the server says DONE
+                conn.send(MsgType.BYE, {"reason": "run finished"})
+                log.info("server finished the run")
+                return True
             if frame.type == MsgType.START:
+                # From here a reply that takes far longer than a step means a dead path.
+                conn.sock.settimeout(self.cfg.step_timeout_s + 30)
                 step = frame.meta["step"]
                 state = torch.frombuffer(frame.payload, dtype=torch.float32)
                 replica.load_state_buffer(state, frame.meta["optimizer_step"])

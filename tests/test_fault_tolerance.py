@@ -1,0 +1,137 @@
+"""Workers and the server die, join and come back; the run still completes."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.cluster import LocalCluster
+
+pytestmark = pytest.mark.slow
+
+
+def wait_for_step(cluster: LocalCluster, step: int, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    path = cluster.metrics_dir / "mini1.jsonl"
+    while time.monotonic() < deadline:
+        if path.exists() and any(e.get("step", 0) >= step for e in cluster.events("mini1", "step")):
+            return
+        if cluster.procs["mini1"].poll() is not None:
+            raise AssertionError("server exited early:\n" + cluster.logs())
+        time.sleep(0.2)
+    raise AssertionError(f"server never reached step {step}:\n" + cluster.logs())
+
+
+def baseline_accuracy(cluster: LocalCluster) -> float:
+    assert cluster.spawn("local", "local").wait(timeout=600) == 0, cluster.log("local")
+    return cluster.summary("local")["final_accuracy"]
+
+
+def test_sync_run_survives_a_killed_worker(tmp_path: Path, offline_digits_root: Path) -> None:
+    cluster = LocalCluster(
+        tmp_path,
+        offline_digits_root,
+        workers=3,
+        cluster={"step_timeout_s": 30.0},
+        nn={"num_epochs": 2},
+    )
+    cluster.start()
+    total = 2 * (9000 // 3 // 32)
+    wait_for_step(cluster, int(total * 0.4))
+    cluster.procs["mini3"].send_signal(signal.SIGKILL)
+    codes = cluster.wait()
+    assert codes["mini1"] == 0 and codes["mini2"] == 0 and codes["pi5"] == 0, cluster.logs()
+    summary = cluster.summary()
+    assert summary["steps"] == total
+    assert cluster.events("mini1", "step")[-1]["workers"] == 2
+    assert "dropped mini3(rank 2)" in cluster.log("mini1")
+    assert abs(summary["final_accuracy"] - baseline_accuracy(cluster)) <= 0.01
+
+
+def test_elastic_run_survives_a_killed_worker_and_counts_a_joiner(
+    tmp_path: Path, offline_digits_root: Path
+) -> None:
+    cluster = LocalCluster(
+        tmp_path,
+        offline_digits_root,
+        workers=4,
+        cluster={
+            "mode": "elastic",
+            "worker_update_interval": 20,
+            "min_workers": 3,
+            "heartbeat_interval_s": 0.5,
+            "heartbeat_timeout_s": 30.0,
+        },
+        nn={"num_epochs": 2},
+    )
+    cluster.spawn("mini1", "server")
+    for host in ("mini2", "mini3", "pi5"):
+        cluster.spawn(host, "worker", "--host", host, "--throttle-s", "0.25")
+    wait_for_step(cluster, 1)
+    cluster.spawn("pi4", "worker", "--host", "pi4")  # a 4th worker, mid-run
+    wait_for_step(cluster, 10)
+    cluster.procs["mini3"].send_signal(signal.SIGKILL)  # about 40 % of the way
+    codes = cluster.wait()
+    assert codes["mini1"] == codes["mini2"] == codes["pi5"] == codes["pi4"] == 0, cluster.logs()
+    summary = cluster.summary()
+    merges = cluster.events("mini1", "step")
+    assert any(m["host"] == "pi4" for m in merges), "the joiner's updates were not merged"
+    first = next(m for m in merges if m["host"] == "pi4")
+    assert first["step"] > 1 and first["staleness"] <= 3  # joined mid-run with fresh weights
+    assert summary["workers"]["pi4"]["samples"] > 0
+    assert "dropped mini3(rank 2)" in cluster.log("mini1")
+    assert summary["samples"] >= 2 * (9000 // 4 // 32) * 4 * 32
+    assert summary["final_accuracy"] > 0.85, summary
+
+
+def test_server_killed_and_resumed_keeps_the_workers(
+    tmp_path: Path, offline_digits_root: Path
+) -> None:
+    every = 10
+    cluster = LocalCluster(
+        tmp_path,
+        offline_digits_root,
+        workers=2,
+        cluster={"checkpoint_every": every, "connect_backoff_s": 1.0, "connect_retries": 600},
+        nn={"max_steps": 80, "eval_steps": 40},
+    )
+    cluster.start()
+    wait_for_step(cluster, 35)
+    cluster.procs["mini1"].send_signal(signal.SIGKILL)
+    cluster.procs["mini1"].wait()
+    killed_at = cluster.events("mini1", "step")[-1]["step"]
+    cluster.spawn("mini1", "server", "--resume")
+    codes = cluster.wait()
+    assert set(codes.values()) == {0}, cluster.logs()
+    steps = [e["step"] for e in cluster.events("mini1", "step")]
+    resumed_at = steps[steps.index(killed_at) + 1] - 1
+    assert killed_at - resumed_at <= every  # at most N steps redone
+    assert steps[steps.index(killed_at) + 1 :] == list(range(resumed_at + 1, 81))
+    assert cluster.summary()["steps"] == 80
+    assert "resumed from" in cluster.log("mini1")
+    for host in cluster.workers:  # the same worker processes carried on
+        assert "reconnecting" in cluster.log(host) or "lost the server" in cluster.log(host)
+        assert cluster.procs[host].returncode == 0
+
+
+def test_sigterm_checkpoints_before_exit(tmp_path: Path, offline_digits_root: Path) -> None:
+    cluster = LocalCluster(
+        tmp_path,
+        offline_digits_root,
+        workers=1,
+        cluster={"checkpoint_every": 1000},
+        nn={"max_steps": 500},
+    )
+    cluster.start()
+    wait_for_step(cluster, 5)
+    cluster.procs["mini1"].send_signal(signal.SIGTERM)
+    assert cluster.procs["mini1"].wait(timeout=120) == 0
+    cluster.procs["mini2"].kill()
+    import torch
+
+    state = torch.load(tmp_path / "checkpoints" / "mini1.pt", weights_only=True)
+    assert state["step"] >= 5
+    assert "stopped by SIGTERM" in cluster.log("mini1")
