@@ -138,7 +138,7 @@ class ElasticLoop:
         if not isinstance(samples, int) or samples <= 0:
             raise ProtocolError("push without a valid sample count")
         _decode_into(frame, self.delta)
-        if not torch.isfinite(self.delta).all():
+        if not torch.isfinite(self.delta.sum()):
             raise ProtocolError("non-finite update")
         staleness = server.step - base
         weight = merge_weight(self.cfg, staleness, samples, self.batch_size, len(server.active))

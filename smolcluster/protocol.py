@@ -28,6 +28,7 @@ HEADER = struct.Struct("!4sBBHQIQ")  # magic, version, type, flags, seq, meta_le
 TAG_LEN = 32
 MAX_META = 64 * 1024
 NONCE_LEN = 32
+SOCKET_BUFFER = 4 * 1024 * 1024
 
 
 class MsgType(IntEnum):
@@ -118,6 +119,11 @@ class Connection:
         self._payload = bytearray(0)
         self._send_lock = threading.Lock()  # heartbeats come from a second thread
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # Room for a whole model in flight, so the server's fan-out of one average to N
+        # workers does not wait on each worker's reads in turn.
+        for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
 
     def rekey(self, send_key: bytes, recv_key: bytes) -> None:
         self._send_key, self._recv_key = send_key, recv_key

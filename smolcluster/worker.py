@@ -49,6 +49,7 @@ class Worker:
         self.bytes_recv = 0
         self.samples = 0
         self.steps = 0
+        self._last_step: tuple[float, float] | None = None  # (started, sent) of the last step
 
     def connect(self) -> Connection:
         """Dial with exponential backoff capped at connect_backoff_s, connect_retries times."""
@@ -221,8 +222,15 @@ class Worker:
             conn.send(MsgType.GRADS, meta, replica.grads.numpy())
         self.samples += len(y)
         self.steps += 1
+        now = time.monotonic()
+        # wait_s: from sending the last gradients to starting this step (the average's
+        # round trip plus the optimizer step); step_time_s: start to start.
+        previous = self._last_step
+        self._last_step = (started, now)
         metrics.write(
             "step",
+            wait_s=round(started - previous[1], 6) if previous else None,
+            step_time_s=round(started - previous[0], 6) if previous else None,
             step=step + 1,
             epoch=epoch,
             loss=meta["loss"],
