@@ -50,8 +50,12 @@ def free_port_pair() -> int:
 def child_env(threads: int) -> dict[str, str]:
     """Same thread budget for every process of every mode, so only the exchange differs."""
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-               WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
+    env.update(
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        WANDB_MODE="disabled",
+        PYTHONUNBUFFERED="1",
+    )
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     return env
 
@@ -67,13 +71,23 @@ class ProcessGroup:
 
     def start(self, name: str, argv: Sequence[str]) -> None:
         with (self.log_dir / f"{name}.log").open("wb") as out:
-            proc = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env=self.env, cwd=self.log_dir,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                list(argv),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                cwd=self.log_dir,
+                start_new_session=True,
+            )
         self.procs.append((name, proc))
 
-    def wait(self, timeout: float, progress: Callable[[], int] | None = None,
-             marks: tuple[int, int] = (0, 0)) -> dict[str, int]:
+    def wait(
+        self,
+        timeout: float,
+        progress: Callable[[], int] | None = None,
+        marks: tuple[int, int] = (0, 0),
+    ) -> dict[str, int]:
         """Wait for every child. With `progress` (steps done so far), also measure the CPU
         seconds all children spend between step marks[0] and marks[1] (self.cpu)."""
         deadline = time.monotonic() + timeout
@@ -85,7 +99,8 @@ class ProcessGroup:
             if progress is not None and self.cpu.end is None:
                 done = progress()
                 if (self.cpu.start is None and done >= marks[0]) or (
-                        self.cpu.start is not None and done >= marks[1]):
+                    self.cpu.start is not None and done >= marks[1]
+                ):
                     self.cpu.mark(done, [proc.pid for _, proc in self.procs])
             time.sleep(0.01)
         return {name: proc.returncode for name, proc in self.procs}
@@ -99,8 +114,9 @@ class ProcessGroup:
     def check(self, codes: dict[str, int]) -> None:
         bad = {name: code for name, code in codes.items() if code != 0}
         if bad:
-            tails = "\n".join(f"--- {name}.log\n{tail(self.log_dir / f'{name}.log')}"
-                              for name in bad)
+            tails = "\n".join(
+                f"--- {name}.log\n{tail(self.log_dir / f'{name}.log')}" for name in bad
+            )
             raise RuntimeError(f"processes failed {bad}; logs in {self.log_dir}\n{tails}")
 
 
@@ -185,8 +201,9 @@ def per_step_bytes(steps: list[dict[str, Any]], key: str) -> float:
     return (last[key] - first[key]) / (last["step"] - first["step"])
 
 
-def time_to_accuracy(steps: list[dict[str, Any]], evals: list[dict[str, Any]],
-                     target: float, lead_in: float = 0.0) -> tuple[int, float] | None:
+def time_to_accuracy(
+    steps: list[dict[str, Any]], evals: list[dict[str, Any]], target: float, lead_in: float = 0.0
+) -> tuple[int, float] | None:
     """(step, seconds since the first step began) of the first eval at or above target.
 
     lead_in: seconds of work before the first step event when it carries no step_time_s

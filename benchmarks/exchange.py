@@ -42,8 +42,13 @@ def _gloo_rank(a: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    dist.init_process_group("gloo", init_method=f"tcp://{LOOPBACK}:{a.port}", rank=a.rank,
-                            world_size=a.n, timeout=timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://{LOOPBACK}:{a.port}",
+        rank=a.rank,
+        world_size=a.n,
+        timeout=timedelta(seconds=120),
+    )
     tensor = torch.ones(a.bytes // 4)
     times = []
     for i in range(a.warmup + a.iters):
@@ -103,8 +108,9 @@ def _ours_worker(a: argparse.Namespace) -> None:
             time.sleep(0.05)
     else:
         raise SystemExit("server never came up")
-    conn, _ = client_handshake(sock, secret, {"host": f"w{a.rank}", "rank": a.rank}, MAX_FRAME,
-                               "server")
+    conn, _ = client_handshake(
+        sock, secret, {"host": f"w{a.rank}", "rank": a.rank}, MAX_FRAME, "server"
+    )
     sock.settimeout(None)
     grads = torch.full((a.bytes // 4,), float(a.rank))
     average = torch.empty_like(grads)
@@ -120,20 +126,43 @@ def _ours_worker(a: argparse.Namespace) -> None:
     conn.send(MsgType.BYE, {})
     conn.close()
     if a.rank == 1:
-        Path(a.out).write_text(json.dumps({"times": times, "bytes_sent": conn.bytes_sent,
-                                           "bytes_recv": conn.bytes_recv}))
+        Path(a.out).write_text(
+            json.dumps(
+                {"times": times, "bytes_sent": conn.bytes_sent, "bytes_recv": conn.bytes_recv}
+            )
+        )
 
 
-def measure(kind: str, n: int, nbytes: int, iters: int, work: Path, threads: int = 1,
-            warmup: int = 5, timeout: float = 300.0) -> dict[str, Any]:
+def measure(
+    kind: str,
+    n: int,
+    nbytes: int,
+    iters: int,
+    work: Path,
+    threads: int = 1,
+    warmup: int = 5,
+    timeout: float = 300.0,
+) -> dict[str, Any]:
     """Median/p90 seconds per exchange of `nbytes` among n processes ('ours' or 'gloo')."""
     from smolcluster.protocol import write_secret
 
     work.mkdir(parents=True, exist_ok=True)
     out = work / f"{kind}-{n}-{nbytes}.json"
     port = free_port_pair()
-    common = ["--n", str(n), "--bytes", str(nbytes), "--iters", str(iters), "--warmup",
-              str(warmup), "--port", str(port), "--out", str(out)]
+    common = [
+        "--n",
+        str(n),
+        "--bytes",
+        str(nbytes),
+        "--iters",
+        str(iters),
+        "--warmup",
+        str(warmup),
+        "--port",
+        str(port),
+        "--out",
+        str(out),
+    ]
     group = ProcessGroup(work / "logs" / f"{kind}-{n}-{nbytes}", child_env(threads))
     me = [python(), "-m", "benchmarks.exchange"]
     if kind == "gloo":
@@ -150,10 +179,16 @@ def measure(kind: str, n: int, nbytes: int, iters: int, work: Path, threads: int
     group.check(group.wait(timeout))
     data = json.loads(out.read_text())
     times = data["times"]
-    result = {"kind": kind, "n": n, "bytes": nbytes, "iters": len(times),
-              "median_s": median(times), "p90_s": percentile(times, 90)}
+    result = {
+        "kind": kind,
+        "n": n,
+        "bytes": nbytes,
+        "iters": len(times),
+        "median_s": median(times),
+        "p90_s": percentile(times, 90),
+    }
     if "bytes_sent" in data:
-        per_iter = (warmup + iters)
+        per_iter = warmup + iters
         result["wire_ratio"] = data["bytes_sent"] / per_iter / nbytes
     return result
 
@@ -180,8 +215,10 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             for kind in ("ours", "gloo"):
                 r = measure(kind, a.n, a.bytes, a.iters, Path(tmp))
-                print(f"{kind:5} n={a.n} {a.bytes} B: median {1e3 * r['median_s']:.3f} ms, "
-                      f"p90 {1e3 * r['p90_s']:.3f} ms")
+                print(
+                    f"{kind:5} n={a.n} {a.bytes} B: median {1e3 * r['median_s']:.3f} ms, "
+                    f"p90 {1e3 * r['p90_s']:.3f} ms"
+                )
     return 0
 
 

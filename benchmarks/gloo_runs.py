@@ -20,20 +20,53 @@ from benchmarks.common import (
 from benchmarks.results import RunResult, summarize_gloo
 
 
-def run_gloo(n: int, steps: int, batch_size: int, data_root: Path, out: Path, *, epochs: int = 1,
-             eval_steps: int = 1_000_000, threads: int = 1, timeout: float = 600.0) -> RunResult:
+def run_gloo(
+    n: int,
+    steps: int,
+    batch_size: int,
+    data_root: Path,
+    out: Path,
+    *,
+    epochs: int = 1,
+    eval_steps: int = 1_000_000,
+    threads: int = 1,
+    timeout: float = 600.0,
+) -> RunResult:
     port = free_port_pair()
     hosts = [f"rank{r}" for r in range(n)]
     metrics = out / "metrics"
     group = ProcessGroup(out / "logs", child_env(threads))
     for rank in range(n):
-        group.start(hosts[rank], [
-            python(), "-m", "smolcluster.gloo_backend", "--master-addr", LOOPBACK,
-            "--port", str(port), "--world-size", str(n), "--rank", str(rank),
-            "--hosts", *hosts, "--batch-size", str(batch_size), "--epochs", str(epochs),
-            "--eval-steps", str(eval_steps), "--max-steps", str(steps),
-            "--data-root", str(data_root), "--metrics-dir", str(metrics),
-        ])
+        group.start(
+            hosts[rank],
+            [
+                python(),
+                "-m",
+                "smolcluster.gloo_backend",
+                "--master-addr",
+                LOOPBACK,
+                "--port",
+                str(port),
+                "--world-size",
+                str(n),
+                "--rank",
+                str(rank),
+                "--hosts",
+                *hosts,
+                "--batch-size",
+                str(batch_size),
+                "--epochs",
+                str(epochs),
+                "--eval-steps",
+                str(eval_steps),
+                "--max-steps",
+                str(steps),
+                "--data-root",
+                str(data_root),
+                "--metrics-dir",
+                str(metrics),
+            ],
+        )
     group.check(group.wait(timeout, step_counter(metrics / f"{hosts[0]}.jsonl"), cpu_marks(steps)))
     result = summarize_gloo(n, batch_size, metrics, hosts)
     result.cpu_ms_per_step = 1e3 * group.cpu.per_step()

@@ -50,8 +50,7 @@ class RunResult:
         row = asdict(self)
         row.pop("evals")
         row.pop("steps_events")
-        row.update(sent_ratio=self.sent_ratio, recv_ratio=self.recv_ratio,
-                   grad_bytes=grad_bytes())
+        row.update(sent_ratio=self.sent_ratio, recv_ratio=self.recv_ratio, grad_bytes=grad_bytes())
         return row
 
 
@@ -73,20 +72,27 @@ def summarize_gloo(n: int, batch_size: int, metrics: Path, hosts: list[str]) -> 
     summary = of(lead, "summary")
     source = summary[0].get("bytes_source", "?") if summary else "?"
     return RunResult(
-        mode="gloo DDP", workers=n, batch_size=batch_size, steps=len(steps),
-        step_ms_median=1e3 * median(times), step_ms_p90=1e3 * percentile(times, 90),
+        mode="gloo DDP",
+        workers=n,
+        batch_size=batch_size,
+        steps=len(steps),
+        step_ms_median=1e3 * median(times),
+        step_ms_p90=1e3 * percentile(times, 90),
         samples_per_s=n * batch_size / median(times),
-        sent_per_step=sum(sent) / len(sent), recv_per_step=sum(recv) / len(recv),
+        sent_per_step=sum(sent) / len(sent),
+        recv_per_step=sum(recv) / len(recv),
         comm_fraction=median(comm),
         comm_how="DDP comm hook: all-reduce launch to completion / step time",
         final_accuracy=summary[0].get("final_accuracy") if summary else None,
-        evals=of(lead, "eval"), steps_events=steps,
+        evals=of(lead, "eval"),
+        steps_events=steps,
         note=f"bytes: {source}",
     )
 
 
-def summarize_socket(mode: str, n: int, batch_size: int, metrics: Path, server: str,
-                     workers: list[str]) -> RunResult:
+def summarize_socket(
+    mode: str, n: int, batch_size: int, metrics: Path, server: str, workers: list[str]
+) -> RunResult:
     srv = read_events(metrics / f"{server}.jsonl")
     steps = of(srv, "step")
     timed = _timed(steps)
@@ -98,33 +104,46 @@ def summarize_socket(mode: str, n: int, batch_size: int, metrics: Path, server: 
     summary = of(srv, "summary")
     samples = median([s.get("samples", n * batch_size) for s in timed])
     return RunResult(
-        mode=mode, workers=n, batch_size=batch_size, steps=len(steps),
-        step_ms_median=1e3 * median(times), step_ms_p90=1e3 * percentile(times, 90),
+        mode=mode,
+        workers=n,
+        batch_size=batch_size,
+        steps=len(steps),
+        step_ms_median=1e3 * median(times),
+        step_ms_p90=1e3 * percentile(times, 90),
         samples_per_s=samples / median(times),
-        sent_per_step=sum(sent) / len(sent), recv_per_step=sum(recv) / len(recv),
-        comm_fraction=comm, comm_how=how,
+        sent_per_step=sum(sent) / len(sent),
+        recv_per_step=sum(recv) / len(recv),
+        comm_fraction=comm,
+        comm_how=how,
         final_accuracy=summary[0].get("final_accuracy") if summary else None,
-        evals=of(srv, "eval"), steps_events=steps,
+        evals=of(srv, "eval"),
+        steps_events=steps,
     )
 
 
-def _socket_comm(timed: list[dict[str, Any]],
-                 per_worker: dict[str, list[dict[str, Any]]]) -> tuple[float, str]:
+def _socket_comm(
+    timed: list[dict[str, Any]], per_worker: dict[str, list[dict[str, Any]]]
+) -> tuple[float, str]:
     """Prefer the trainer's own comm timing; else 1 - worker compute / server step time."""
     worker_steps = [s for steps in per_worker.values() for s in _timed(steps)]
     if worker_steps and all("comm_s" in s and "step_time_s" in s for s in worker_steps):
-        return (median([s["comm_s"] / s["step_time_s"] for s in worker_steps]),
-                "worker comm_s / step_time_s")
+        return (
+            median([s["comm_s"] / s["step_time_s"] for s in worker_steps]),
+            "worker comm_s / step_time_s",
+        )
     compute = [s["compute_s"] for s in worker_steps if "compute_s" in s]
     step = median([s["step_time_s"] for s in timed])
     if not compute or not step > 0:
         return float("nan"), "not measurable from these metrics"
-    return (max(0.0, 1 - median(compute) / step),
-            "1 - median worker compute_s (fwd+bwd+GRADS send) / median server step time")
+    return (
+        max(0.0, 1 - median(compute) / step),
+        "1 - median worker compute_s (fwd+bwd+GRADS send) / median server step time",
+    )
 
 
-def summarize_elastic(mode: str, n: int, batch_size: int, k: int, metrics: Path, server: str,
-                      workers: list[str]) -> RunResult:
+def summarize_elastic(
+    mode: str, n: int, batch_size: int, k: int, metrics: Path, server: str, workers: list[str]
+) -> RunResult:
     """Elastic rows: a worker logs one step event per push, every k local steps, so per-step
     numbers are intervals between its pushes divided by the local steps in between."""
     srv = read_events(metrics / f"{server}.jsonl")
@@ -143,15 +162,19 @@ def summarize_elastic(mode: str, n: int, batch_size: int, k: int, metrics: Path,
     summary = of(srv, "summary")
     step = median(local_times)
     return RunResult(
-        mode=mode, workers=n, batch_size=batch_size,
+        mode=mode,
+        workers=n,
+        batch_size=batch_size,
         steps=max((s[-1]["step"] for s in per_worker.values() if s), default=0),
-        step_ms_median=1e3 * step, step_ms_p90=1e3 * percentile(local_times, 90),
+        step_ms_median=1e3 * step,
+        step_ms_p90=1e3 * percentile(local_times, 90),
         samples_per_s=n * batch_size / step if step > 0 else float("nan"),
         sent_per_step=sum(sent) / len(sent) if sent else float("nan"),
         recv_per_step=sum(recv) / len(recv) if recv else float("nan"),
         comm_fraction=float("nan"),
         comm_how=f"elastic: one push/pull every {k} local steps (not split out per step)",
         final_accuracy=summary[0].get("final_accuracy") if summary else None,
-        evals=of(srv, "eval"), steps_events=of(srv, "step"),
+        evals=of(srv, "eval"),
+        steps_events=of(srv, "step"),
         note=f"per local step, averaged over pushes every {k} steps",
     )

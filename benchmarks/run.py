@@ -45,15 +45,29 @@ def machine() -> dict[str, str]:
                 break
     except OSError:
         pass
-    return {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "nproc": str(os.cpu_count()),
-            "cpu": cpu, "torch": torch.__version__, "python": platform.python_version(),
-            "os": f"{platform.system()} {platform.release()}", "commit": _git_rev()}
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "nproc": str(os.cpu_count()),
+        "cpu": cpu,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "os": f"{platform.system()} {platform.release()}",
+        "commit": _git_rev(),
+    }
 
 
 def _git_rev() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=False, cwd=REPO).stdout.strip() or "?"
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                check=False,
+                cwd=REPO,
+            ).stdout.strip()
+            or "?"
+        )
     except OSError:
         return "?"
 
@@ -61,22 +75,42 @@ def _git_rev() -> str:
 def _modes(a: argparse.Namespace, notes: list[str]) -> dict[str, Callable[..., RunResult]]:
     modes: dict[str, Callable[..., RunResult]] = {
         "sync fp32": lambda n, steps, out, **kw: run_socket(
-            "sync fp32", n, steps, a.batch_size, a.data_root, out, threads=a.threads, **kw),
+            "sync fp32", n, steps, a.batch_size, a.data_root, out, threads=a.threads, **kw
+        ),
         "sync int8": lambda n, steps, out, **kw: run_socket(
-            "sync int8", n, steps, a.batch_size, a.data_root, out, quantize=True,
-            threads=a.threads, **kw),
+            "sync int8",
+            n,
+            steps,
+            a.batch_size,
+            a.data_root,
+            out,
+            quantize=True,
+            threads=a.threads,
+            **kw,
+        ),
     }
     why = elastic_available()
     if why is None:
         modes[f"elastic K={a.local_steps}"] = lambda n, steps, out, **kw: run_socket(
-            f"elastic K={a.local_steps}", n, steps, a.batch_size, a.data_root, out,
-            mode="elastic", update_interval=a.local_steps, threads=a.threads, **kw)
+            f"elastic K={a.local_steps}",
+            n,
+            steps,
+            a.batch_size,
+            a.data_root,
+            out,
+            mode="elastic",
+            update_interval=a.local_steps,
+            threads=a.threads,
+            **kw,
+        )
     else:
         notes.append(f"elastic (c) skipped: {why}")
     modes[GLOO] = lambda n, steps, out, **kw: run_gloo(
-        n, steps, a.batch_size, a.data_root, out, threads=a.threads, **kw)
-    return {m: f for m, f in modes.items() if a.modes is None or m.split()[0] in a.modes
-            or m in a.modes}
+        n, steps, a.batch_size, a.data_root, out, threads=a.threads, **kw
+    )
+    return {
+        m: f for m, f in modes.items() if a.modes is None or m.split()[0] in a.modes or m in a.modes
+    }
 
 
 def _fmt(value: float | None, spec: str = ".1f") -> str:
@@ -86,8 +120,9 @@ def _fmt(value: float | None, spec: str = ".1f") -> str:
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(header)]
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)
+    ]
 
     def line(cells: list[str]) -> str:
         return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
@@ -103,99 +138,170 @@ def end_to_end_table(results: list[RunResult]) -> str:
         ref = gloo.get(r.workers)
         ratio = r.samples_per_s / ref.samples_per_s if ref else float("nan")
         cpu = r.cpu_ms_per_step / ref.cpu_ms_per_step if ref else float("nan")
-        rows.append([r.mode, str(r.workers), _fmt(r.step_ms_median), _fmt(r.step_ms_p90),
-                     _fmt(r.samples_per_s, ".0f"), _fmt(ratio, ".2f"),
-                     _fmt(r.cpu_ms_per_step), _fmt(cpu, ".2f"),
-                     _fmt(r.sent_per_step, ",.0f"), _fmt(r.sent_ratio, ".4f"),
-                     _fmt(r.recv_per_step, ",.0f"), _fmt(100 * r.comm_fraction, ".0f")])
-    return table(["mode", "N", "step ms p50", "step ms p90", "samples/s", "x gloo",
-                  "CPU ms/step", "CPU x gloo", "B sent/worker/step", "÷ fp32 grads",
-                  "B recv/worker/step", "comm %"], rows)
+        rows.append(
+            [
+                r.mode,
+                str(r.workers),
+                _fmt(r.step_ms_median),
+                _fmt(r.step_ms_p90),
+                _fmt(r.samples_per_s, ".0f"),
+                _fmt(ratio, ".2f"),
+                _fmt(r.cpu_ms_per_step),
+                _fmt(cpu, ".2f"),
+                _fmt(r.sent_per_step, ",.0f"),
+                _fmt(r.sent_ratio, ".4f"),
+                _fmt(r.recv_per_step, ",.0f"),
+                _fmt(100 * r.comm_fraction, ".0f"),
+            ]
+        )
+    return table(
+        [
+            "mode",
+            "N",
+            "step ms p50",
+            "step ms p90",
+            "samples/s",
+            "x gloo",
+            "CPU ms/step",
+            "CPU x gloo",
+            "B sent/worker/step",
+            "÷ fp32 grads",
+            "B recv/worker/step",
+            "comm %",
+        ],
+        rows,
+    )
 
 
 def exchange_table(rows: list[dict[str, Any]]) -> str:
     out = []
     for r in rows:
-        out.append([f"{r['bytes']:,}", str(r["n"]), _fmt(1e3 * r["ours"]["median_s"], ".2f"),
-                    _fmt(1e3 * r["ours"]["p90_s"], ".2f"), _fmt(1e3 * r["gloo"]["median_s"], ".2f"),
-                    _fmt(1e3 * r["gloo"]["p90_s"], ".2f"), _fmt(r["ratio"], ".2f")])
-    return table(["bytes", "N", "ours ms p50", "ours ms p90", "gloo ms p50", "gloo ms p90",
-                  "ours ÷ gloo"], out)
+        out.append(
+            [
+                f"{r['bytes']:,}",
+                str(r["n"]),
+                _fmt(1e3 * r["ours"]["median_s"], ".2f"),
+                _fmt(1e3 * r["ours"]["p90_s"], ".2f"),
+                _fmt(1e3 * r["gloo"]["median_s"], ".2f"),
+                _fmt(1e3 * r["gloo"]["p90_s"], ".2f"),
+                _fmt(r["ratio"], ".2f"),
+            ]
+        )
+    return table(
+        ["bytes", "N", "ours ms p50", "ours ms p90", "gloo ms p50", "gloo ms p90", "ours ÷ gloo"],
+        out,
+    )
 
 
 def tta_table(rows: list[dict[str, Any]]) -> str:
     gloo = next((r for r in rows if r["mode"] == GLOO and r["seconds"] is not None), None)
     out = []
     for r in rows:
-        ratio = (r["seconds"] / gloo["seconds"] if gloo and r["seconds"] is not None
-                 else float("nan"))
-        out.append([r["mode"], str(r["workers"]), f"{r['target']:.2f}",
-                    str(r["step"]) if r["step"] is not None else "not reached",
-                    _fmt(r["seconds"], ".2f"), _fmt(ratio, ".2f"),
-                    _fmt(r["final_accuracy"], ".3f"), str(r["steps_run"])])
-    return table(["mode", "N", "target acc", "step reached", "seconds", "x gloo",
-                  "final acc", "steps run"], out)
+        ratio = (
+            r["seconds"] / gloo["seconds"] if gloo and r["seconds"] is not None else float("nan")
+        )
+        out.append(
+            [
+                r["mode"],
+                str(r["workers"]),
+                f"{r['target']:.2f}",
+                str(r["step"]) if r["step"] is not None else "not reached",
+                _fmt(r["seconds"], ".2f"),
+                _fmt(ratio, ".2f"),
+                _fmt(r["final_accuracy"], ".3f"),
+                str(r["steps_run"]),
+            ]
+        )
+    return table(
+        ["mode", "N", "target acc", "step reached", "seconds", "x gloo", "final acc", "steps run"],
+        out,
+    )
 
 
-def goals(results: list[RunResult], xchg: list[dict[str, Any]],
-          tta: list[dict[str, Any]]) -> list[str]:
+def goals(
+    results: list[RunResult], xchg: list[dict[str, Any]], tta: list[dict[str, Any]]
+) -> list[str]:
     lines = []
     model = next((x for x in xchg if x["bytes"] == grad_bytes() and x["n"] == 3), None)
     if model:
         ok = model["ratio"] <= 1.0
-        lines.append(f"[{'met' if ok else 'MISSED'}] sync fp32 exchange of {model['bytes']:,} B "
-                     f"at N=3: {model['ratio']:.2f}x gloo all_reduce (goal ≤ 1.0x)")
+        lines.append(
+            f"[{'met' if ok else 'MISSED'}] sync fp32 exchange of {model['bytes']:,} B "
+            f"at N=3: {model['ratio']:.2f}x gloo all_reduce (goal ≤ 1.0x)"
+        )
     by = {(r.mode, r.workers): r for r in results}
     if ("sync fp32", 3) in by and (GLOO, 3) in by:
         ratio = by[("sync fp32", 3)].samples_per_s / by[(GLOO, 3)].samples_per_s
-        lines.append(f"[{'met' if ratio >= 1.0 else 'MISSED'}] end-to-end sync samples/s at N=3: "
-                     f"{ratio:.2f}x gloo DDP (goal ≥ 1.0x)")
+        lines.append(
+            f"[{'met' if ratio >= 1.0 else 'MISSED'}] end-to-end sync samples/s at N=3: "
+            f"{ratio:.2f}x gloo DDP (goal ≥ 1.0x)"
+        )
     for mode, goal in (("sync fp32", 1.01), ("sync int8", 0.26)):
         rows = [r for r in results if r.mode == mode]
         if rows:
             worst = max(max(r.sent_ratio, r.recv_ratio) for r in rows)
-            lines.append(f"[{'met' if worst <= goal else 'MISSED'}] {mode} bytes per worker per "
-                         f"step ÷ raw fp32 gradients: {worst:.4f} worst direction "
-                         f"(goal ≤ {goal})")
+            lines.append(
+                f"[{'met' if worst <= goal else 'MISSED'}] {mode} bytes per worker per "
+                f"step ÷ raw fp32 gradients: {worst:.4f} worst direction "
+                f"(goal ≤ {goal})"
+            )
     for r in results:
         sync = by.get(("sync fp32", r.workers))
         if r.mode.startswith("elastic") and sync:
             less = (sync.sent_per_step + sync.recv_per_step) / (r.sent_per_step + r.recv_per_step)
             acc = {t["mode"]: t["final_accuracy"] for t in tta}
-            cost = (100 * (acc["sync fp32"] - acc[r.mode])
-                    if acc.get("sync fp32") is not None and acc.get(r.mode) is not None
-                    else float("nan"))
+            cost = (
+                100 * (acc["sync fp32"] - acc[r.mode])
+                if acc.get("sync fp32") is not None and acc.get(r.mode) is not None
+                else float("nan")
+            )
             ok = less >= 50 and cost <= 0.5
-            lines.append(f"[{'met' if ok else 'MISSED'}] {r.mode} at N={r.workers}: {less:.0f}x "
-                         f"less traffic per sample than sync fp32 (goal ≥ 50x), accuracy cost "
-                         f"{_fmt(cost, '.1f')} points in the time-to-accuracy runs (goal ≤ 0.5)")
+            lines.append(
+                f"[{'met' if ok else 'MISSED'}] {r.mode} at N={r.workers}: {less:.0f}x "
+                f"less traffic per sample than sync fp32 (goal ≥ 50x), accuracy cost "
+                f"{_fmt(cost, '.1f')} points in the time-to-accuracy runs (goal ≤ 0.5)"
+            )
     return lines
 
 
-def run_tta(a: argparse.Namespace, modes: dict[str, Callable[..., RunResult]],
-            work: Path) -> list[dict[str, Any]]:
+def run_tta(
+    a: argparse.Namespace, modes: dict[str, Callable[..., RunResult]], work: Path
+) -> list[dict[str, Any]]:
     rows = []
     for mode, fn in modes.items():
         out = work / "tta" / mode.replace(" ", "-")
-        r = fn(a.tta_workers, a.tta_max_steps, out, epochs=a.tta_epochs,
-               eval_steps=a.tta_eval_steps)
+        r = fn(
+            a.tta_workers, a.tta_max_steps, out, epochs=a.tta_epochs, eval_steps=a.tta_eval_steps
+        )
         lead_in = a.local_steps * r.step_ms_median / 1e3 if mode.startswith("elastic") else 0.0
-        hit = time_to_accuracy(r.steps_events, r.evals, a.tta_accuracy,
-                               lead_in if math.isfinite(lead_in) else 0.0)
+        hit = time_to_accuracy(
+            r.steps_events, r.evals, a.tta_accuracy, lead_in if math.isfinite(lead_in) else 0.0
+        )
         if hit and mode.startswith("elastic"):
             # Elastic evals are numbered by merges; report sync-equivalent steps (samples / Nb).
             merged = next((e["samples"] for e in r.steps_events if e["step"] == hit[0]), None)
             hit = (merged // (a.tta_workers * a.batch_size), hit[1]) if merged else hit
-        rows.append({"mode": mode, "workers": a.tta_workers, "target": a.tta_accuracy,
-                     "step": hit[0] if hit else None, "seconds": hit[1] if hit else None,
-                     "final_accuracy": r.final_accuracy, "steps_run": r.steps})
+        rows.append(
+            {
+                "mode": mode,
+                "workers": a.tta_workers,
+                "target": a.tta_accuracy,
+                "step": hit[0] if hit else None,
+                "seconds": hit[1] if hit else None,
+                "final_accuracy": r.final_accuracy,
+                "steps_run": r.steps,
+            }
+        )
         print(f"  tta {mode}: {rows[-1]}", flush=True)
     return rows
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--workers", type=int, nargs="+", help="N values (default 2 3 4; quick: 3)")
     p.add_argument("--steps", type=int, help="steps per end-to-end run (default 100; quick: 30)")
     p.add_argument("--quick", action="store_true", help="small sizes: a couple of minutes")
@@ -203,8 +309,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--local-steps", type=int, default=50, help="elastic K")
     p.add_argument("--modes", nargs="+", help="subset: sync int8 elastic gloo")
-    p.add_argument("--exchange-bytes", type=int, nargs="+",
-                   help="sizes for the exchange microbenchmark (default: the model's gradients)")
+    p.add_argument(
+        "--exchange-bytes",
+        type=int,
+        nargs="+",
+        help="sizes for the exchange microbenchmark (default: the model's gradients)",
+    )
     p.add_argument("--exchange-iters", type=int, help="default 100; quick: 30")
     p.add_argument("--tta-accuracy", type=float, default=0.90)
     p.add_argument("--tta-workers", type=int, default=3)
@@ -231,10 +341,14 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     dataset = prepare_data(a.data_root)
     print(f"# smolcluster benchmarks, {info['date']}", flush=True)
-    print(f"machine: {info['nproc']} CPUs, {info['cpu']}, torch {info['torch']}, "
-          f"python {info['python']}, {info['os']}")
-    print(f"dataset: {dataset}; model SimpleNN ({grad_bytes():,} B of fp32 gradients); batch "
-          f"{a.batch_size} per worker; {a.threads} torch thread(s) per process; loopback only")
+    print(
+        f"machine: {info['nproc']} CPUs, {info['cpu']}, torch {info['torch']}, "
+        f"python {info['python']}, {info['os']}"
+    )
+    print(
+        f"dataset: {dataset}; model SimpleNN ({grad_bytes():,} B of fp32 gradients); batch "
+        f"{a.batch_size} per worker; {a.threads} torch thread(s) per process; loopback only"
+    )
     work = a.work_dir or Path(tempfile.mkdtemp(prefix="smolcluster-bench-"))
     try:
         modes = _modes(a, notes)
@@ -246,10 +360,20 @@ def main(argv: list[str] | None = None) -> int:
         xchg = []
         for nbytes in a.exchange_bytes:
             print(f"  exchange microbenchmark: {nbytes:,} B at N=3", flush=True)
-            pair = {kind: exchange.measure(kind, 3, nbytes, a.exchange_iters, work / "xchg",
-                                           threads=a.threads) for kind in ("ours", "gloo")}
-            xchg.append({"bytes": nbytes, "n": 3, **pair,
-                         "ratio": pair["ours"]["median_s"] / pair["gloo"]["median_s"]})
+            pair = {
+                kind: exchange.measure(
+                    kind, 3, nbytes, a.exchange_iters, work / "xchg", threads=a.threads
+                )
+                for kind in ("ours", "gloo")
+            }
+            xchg.append(
+                {
+                    "bytes": nbytes,
+                    "n": 3,
+                    **pair,
+                    "ratio": pair["ours"]["median_s"] / pair["gloo"]["median_s"],
+                }
+            )
         tta = [] if a.no_tta else run_tta(a, modes, work)
     finally:
         if a.work_dir is None:
@@ -257,14 +381,18 @@ def main(argv: list[str] | None = None) -> int:
 
     print("\n## End to end (median over steps after warm-up; x gloo = samples/s ratio)\n")
     print(end_to_end_table(results))
-    print("\nCPU ms/step: user+system CPU of all the run's processes per step (from /proc),"
-          " steady state; it moves far less than wall time when other jobs share the cores.")
+    print(
+        "\nCPU ms/step: user+system CPU of all the run's processes per step (from /proc),"
+        " steady state; it moves far less than wall time when other jobs share the cores."
+    )
     print(f"comm %: {'; '.join(sorted({f'{r.mode}: {r.comm_how}' for r in results}))}")
     print("\n## Exchange only: average B bytes of fp32 across N=3 processes\n")
     print(exchange_table(xchg))
     if tta:
-        print(f"\n## Time to {a.tta_accuracy:.0%} test accuracy on the offline digits "
-              f"(N={a.tta_workers}, eval every {a.tta_eval_steps} steps)\n")
+        print(
+            f"\n## Time to {a.tta_accuracy:.0%} test accuracy on the offline digits "
+            f"(N={a.tta_workers}, eval every {a.tta_eval_steps} steps)\n"
+        )
         print(tta_table(tta))
     print("\n## Goals (issue 6)\n")
     goal_lines = goals(results, xchg, tta)
@@ -272,11 +400,22 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps({
-            "machine": info, "dataset": dataset, "argv": sys.argv[1:] if argv is None else argv,
-            "grad_bytes": grad_bytes(), "end_to_end": [r.as_dict() for r in results],
-            "exchange": xchg, "tta": tta, "goals": goal_lines, "notes": notes,
-        }, indent=2))
+        a.json.write_text(
+            json.dumps(
+                {
+                    "machine": info,
+                    "dataset": dataset,
+                    "argv": sys.argv[1:] if argv is None else argv,
+                    "grad_bytes": grad_bytes(),
+                    "end_to_end": [r.as_dict() for r in results],
+                    "exchange": xchg,
+                    "tta": tta,
+                    "goals": goal_lines,
+                    "notes": notes,
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

@@ -33,24 +33,48 @@ def elastic_available() -> str | None:
     return None
 
 
-def write_configs(work: Path, n: int, port: int, batch_size: int, data_root: Path,
-                  *, quantize: bool = False, mode: str = "sync", update_interval: int = 50,
-                  threads: int = 1) -> tuple[Path, Path, list[str]]:
+def write_configs(
+    work: Path,
+    n: int,
+    port: int,
+    batch_size: int,
+    data_root: Path,
+    *,
+    quantize: bool = False,
+    mode: str = "sync",
+    update_interval: int = 50,
+    threads: int = 1,
+) -> tuple[Path, Path, list[str]]:
     from smolcluster.protocol import write_secret
 
     work.mkdir(parents=True, exist_ok=True)
     workers = [f"bench{r}" for r in range(1, n + 1)]
     cluster = {
         "host_ip": dict.fromkeys([SERVER, *workers], LOOPBACK),
-        "port": port, "num_workers": n, "workers": workers, "server": SERVER,
-        "worker_update_interval": update_interval, "use_quantization": quantize, "seed": 42,
-        "mode": mode, "backend": "socket", "bind_address": LOOPBACK, "secret_file": "secret",
-        "metrics_dir": "metrics", "wandb_mode": "disabled", "torch_threads": threads,
-        "connect_backoff_s": 0.2, "join_timeout_s": 120.0, "step_timeout_s": 120.0,
+        "port": port,
+        "num_workers": n,
+        "workers": workers,
+        "server": SERVER,
+        "worker_update_interval": update_interval,
+        "use_quantization": quantize,
+        "seed": 42,
+        "mode": mode,
+        "backend": "socket",
+        "bind_address": LOOPBACK,
+        "secret_file": "secret",
+        "metrics_dir": "metrics",
+        "wandb_mode": "disabled",
+        "torch_threads": threads,
+        "connect_backoff_s": 0.2,
+        "join_timeout_s": 120.0,
+        "step_timeout_s": 120.0,
     }
     nn = {
-        "batch_size": batch_size, "learning_rate": 0.001, "num_epochs": 1,
-        "eval_steps": 1_000_000, "track_gradients": False,
+        "batch_size": batch_size,
+        "learning_rate": 0.001,
+        "num_epochs": 1,
+        "eval_steps": 1_000_000,
+        "track_gradients": False,
         "model": {"type": "SimpleNN", "input_dim": 784, "hidden": 128, "out": 10},
         "dataset": {"name": "MNIST", "root": str(data_root), "download": False},
     }
@@ -63,17 +87,46 @@ def write_configs(work: Path, n: int, port: int, batch_size: int, data_root: Pat
     return cluster_file, nn_file, workers
 
 
-def run_socket(label: str, n: int, steps: int, batch_size: int, data_root: Path, out: Path, *,
-               quantize: bool = False, mode: str = "sync", update_interval: int = 50,
-               epochs: int = 1, eval_steps: int = 1_000_000, threads: int = 1,
-               timeout: float = 600.0) -> RunResult:
+def run_socket(
+    label: str,
+    n: int,
+    steps: int,
+    batch_size: int,
+    data_root: Path,
+    out: Path,
+    *,
+    quantize: bool = False,
+    mode: str = "sync",
+    update_interval: int = 50,
+    epochs: int = 1,
+    eval_steps: int = 1_000_000,
+    threads: int = 1,
+    timeout: float = 600.0,
+) -> RunResult:
     port = free_port_pair()
     cluster_file, nn_file, workers = write_configs(
-        out, n, port, batch_size, data_root, quantize=quantize, mode=mode,
-        update_interval=update_interval, threads=threads)
-    common = ["--cluster-config", str(cluster_file), "--nn-config", str(nn_file),
-              "--max-steps", str(steps), "--epochs", str(epochs), "--eval-steps",
-              str(eval_steps)]
+        out,
+        n,
+        port,
+        batch_size,
+        data_root,
+        quantize=quantize,
+        mode=mode,
+        update_interval=update_interval,
+        threads=threads,
+    )
+    common = [
+        "--cluster-config",
+        str(cluster_file),
+        "--nn-config",
+        str(nn_file),
+        "--max-steps",
+        str(steps),
+        "--epochs",
+        str(epochs),
+        "--eval-steps",
+        str(eval_steps),
+    ]
     group = ProcessGroup(out / "logs", child_env(threads))
     cli = [python(), "-m", "smolcluster"]
     group.start(SERVER, [*cli, "server", *common])
@@ -84,8 +137,9 @@ def run_socket(label: str, n: int, steps: int, batch_size: int, data_root: Path,
         # The server logs one step event per merged push: steps * n / K of them.
         merges = steps * n // update_interval
         group.check(group.wait(timeout, progress, (1, max(2, merges - 1))))
-        result = summarize_elastic(label, n, batch_size, update_interval, out / "metrics",
-                                   SERVER, workers)
+        result = summarize_elastic(
+            label, n, batch_size, update_interval, out / "metrics", SERVER, workers
+        )
         # CPU per cluster step (n workers x one local step), comparable with sync rows.
         result.cpu_ms_per_step = 1e3 * group.cpu.per_step() * n / update_interval
         return result
