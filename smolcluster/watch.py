@@ -1,0 +1,306 @@
+"""`smolcluster watch`: follow the server's metrics JSONL from the controller.
+
+Reads the file directly for a local host, or over SFTP (paramiko) with the
+inventory's SSH settings, ProxyCommand included. Prints one line per step/eval
+and exits 0 when the summary event appears, 1 on timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, TextIO
+
+LOCAL_CONNECTIONS = {"local"}
+
+
+@dataclass
+class Progress:
+    """What the metrics file says so far."""
+
+    total_steps: int | None = None
+    step: int | None = None
+    epoch: int | None = None
+    loss: float | None = None
+    accuracy: float | None = None
+    summary: dict[str, Any] | None = None
+    events: int = 0
+
+    def update(self, event: dict[str, Any]) -> str | None:
+        """Fold one event in; return a display line for step/eval/summary events."""
+        self.events += 1
+        kind = event.get("event")
+        if kind == "start":
+            self.total_steps = event.get("total_steps")
+            return None
+        elif kind == "step":
+            self.step, self.epoch, self.loss = (
+                event.get("step"),
+                event.get("epoch"),
+                event.get("loss"),
+            )
+        elif kind == "eval":
+            self.accuracy = event.get("val_accuracy")
+        elif kind == "summary":
+            self.summary = event
+            self.accuracy = event.get("final_accuracy", self.accuracy)
+            self.step = event.get("steps", self.step)
+        else:
+            return None
+        return self.line()
+
+    def line(self) -> str:
+        if self.summary is not None:
+            return (
+                f"done: {self.step} steps, accuracy {_fmt(self.accuracy)}, "
+                f"{_fmt(self.summary.get('samples_per_s'), '.1f')} samples/s, "
+                f"wall {_fmt(self.summary.get('wall'), '.1f')}s"
+            )
+        total = f"/{self.total_steps}" if self.total_steps else ""
+        return (
+            f"step {self.step if self.step is not None else '-'}{total} "
+            f"epoch {self.epoch if self.epoch is not None else '-'} "
+            f"loss {_fmt(self.loss)} accuracy {_fmt(self.accuracy)}"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "epoch": self.epoch,
+            "loss": self.loss,
+            "accuracy": self.accuracy,
+            "done": self.summary is not None,
+            "line": self.line(),
+        }
+
+
+def _fmt(value: Any, spec: str = ".4f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+class Source(Protocol):
+    def read_from(self, offset: int) -> bytes: ...
+
+
+class LocalSource:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def read_from(self, offset: int) -> bytes:
+        try:
+            with self.path.open("rb") as handle:
+                handle.seek(offset)
+                return handle.read()
+        except FileNotFoundError:
+            return b""
+
+
+class SFTPSource:
+    """Reads the remote file over one SSH connection, opened lazily and kept."""
+
+    def __init__(self, settings: SSHSettings, path: str) -> None:
+        self.settings, self.path = settings, path
+        self._sftp: Any = None
+
+    def read_from(self, offset: int) -> bytes:
+        if self._sftp is None:
+            self._sftp = self.settings.connect().open_sftp()
+        try:
+            with self._sftp.open(self.path, "rb") as handle:
+                handle.seek(offset)
+                return handle.read()
+        except FileNotFoundError:
+            return b""
+
+
+@dataclass
+class SSHSettings:
+    host: str
+    port: int = 22
+    user: str | None = None
+    key_file: str | None = None
+    proxy_command: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def connect(self) -> Any:
+        import paramiko  # controller-only dependency
+
+        client = paramiko.SSHClient()
+        client.load_system_host_keys()
+        # Same stance as Ansible's host_key_checking: unknown hosts are refused.
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        sock = paramiko.ProxyCommand(self.proxy_command) if self.proxy_command else None
+        client.connect(
+            self.host,
+            port=self.port,
+            username=self.user,
+            key_filename=self.key_file,
+            sock=sock,
+            timeout=15,
+        )
+        return client
+
+
+def proxy_command(ssh_args: str, host: str, port: int, user: str | None) -> str | None:
+    """The ProxyCommand (or ProxyJump, as `ssh -W`) in Ansible-style ssh args, expanded."""
+    tokens = shlex.split(ssh_args)
+    options: list[str] = []
+    jump: str | None = None
+    for index, token in enumerate(tokens):
+        nxt = tokens[index + 1] if index + 1 < len(tokens) else ""
+        if token == "-o":
+            options.append(nxt)
+        elif token.startswith("-o"):
+            options.append(token[2:])
+        elif token == "-J":
+            jump = nxt
+    command: str | None = None
+    for option in options:
+        key, _, value = option.replace("=", " ", 1).partition(" ")
+        if key.lower() == "proxycommand":
+            command = value.strip()
+        elif key.lower() == "proxyjump":
+            jump = value.strip()
+    if command is None and jump:
+        command = f"ssh -W %h:%p {jump}"
+    if command is None:
+        return None
+    expanded = command.replace("%%", "\0").replace("%h", host).replace("%p", str(port))
+    return expanded.replace("%r", user or "").replace("\0", "%")
+
+
+def ssh_settings(hostvars: dict[str, Any], name: str) -> SSHSettings:
+    """SSH settings for `name` from its (untemplated) inventory variables."""
+    host = str(hostvars.get("ansible_host") or name)
+    port = int(hostvars.get("ansible_port") or 22)
+    user = hostvars.get("ansible_user")
+    args = " ".join(
+        str(hostvars.get(key) or "")
+        for key in ("ansible_ssh_common_args", "ansible_ssh_extra_args")
+    )
+    return SSHSettings(
+        host=host,
+        port=port,
+        user=user,
+        key_file=hostvars.get("ansible_ssh_private_key_file"),
+        proxy_command=proxy_command(args, host, port, user),
+        extra=hostvars,
+    )
+
+
+def inventory_host(inventory: str, host: str | None) -> tuple[str, dict[str, Any]]:
+    """(host name, its variables) via ansible-inventory; the default host is the server."""
+    exe = str(Path(sys.executable).with_name("ansible-inventory"))
+    if host is None:
+        listing = json.loads(subprocess.check_output([exe, "-i", inventory, "--list"], text=True))
+        servers = listing.get("server", {}).get("hosts", [])
+        if len(servers) != 1:
+            raise SystemExit(f"smolcluster: error: {inventory}: server: need exactly one host")
+        host = servers[0]
+    out = subprocess.check_output([exe, "-i", inventory, "--host", host], text=True)
+    return host, json.loads(out)
+
+
+def follow(source: Source, out: TextIO, timeout_s: float, interval_s: float) -> int:
+    """Print progress lines until the summary event (0) or the timeout (1)."""
+    progress, offset, buffer = Progress(), 0, b""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        chunk = source.read_from(offset)
+        offset += len(chunk)
+        buffer += chunk
+        *complete, buffer = buffer.split(b"\n")
+        for raw in complete:
+            line = _event_line(progress, raw)
+            if line:
+                print(line, file=out, flush=True)
+            if progress.summary is not None:
+                return 0
+        if time.monotonic() >= deadline:
+            print(f"smolcluster: error: no summary within {timeout_s:.0f}s", file=sys.stderr)
+            return 1
+        time.sleep(interval_s)
+
+
+def _event_line(progress: Progress, raw: bytes) -> str | None:
+    try:
+        event = json.loads(raw)
+    except ValueError:
+        return None  # a line still being written, or noise
+    return progress.update(event) if isinstance(event, dict) else None
+
+
+def status(path: Path) -> dict[str, Any]:
+    """One-shot summary of a local metrics file (used by the job status probe)."""
+    progress = Progress()
+    for raw in LocalSource(path).read_from(0).split(b"\n"):
+        _event_line(progress, raw)
+    return progress.as_dict()
+
+
+def add_watch_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "watch", help="follow the server's metrics (locally or over SSH)"
+    )
+    _add_arguments(parser)
+    parser.set_defaults(run=run_watch)
+    return parser
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--metrics", help="metrics JSONL path (remote: relative to the home dir)")
+    parser.add_argument(
+        "--inventory", "-i", help="Ansible inventory; default: read --metrics locally"
+    )
+    parser.add_argument("--host", help="inventory host to follow (default: the server)")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="give up after S seconds")
+    parser.add_argument("--interval", type=float, default=1.0, help="poll every S seconds")
+    parser.add_argument(
+        "--status", action="store_true", help="print the latest state as JSON, exit"
+    )
+
+
+def run_watch(args: argparse.Namespace) -> int:
+    if args.status:
+        if not args.metrics:
+            print("smolcluster: error: --status needs --metrics", file=sys.stderr)
+            return 2
+        print(json.dumps(status(Path(args.metrics))))
+        return 0
+    source: Source
+    if args.inventory:
+        name, hostvars = inventory_host(args.inventory, args.host)
+        metrics = args.metrics or _default_metrics(name, hostvars)
+        if hostvars.get("ansible_connection") in LOCAL_CONNECTIONS:
+            source = LocalSource(Path(metrics))
+        else:
+            source = SFTPSource(ssh_settings(hostvars, name), metrics)
+    elif args.metrics:
+        source = LocalSource(Path(args.metrics))
+    else:
+        print("smolcluster: error: give --metrics or --inventory", file=sys.stderr)
+        return 2
+    return follow(source, sys.stdout, args.timeout, args.interval)
+
+
+def _default_metrics(name: str, hostvars: dict[str, Any]) -> str:
+    if hostvars.get("ansible_connection") in LOCAL_CONNECTIONS:
+        return f".local-cluster/{name}/run/{name}.jsonl"
+    return f"smolcluster/run/{name}.jsonl"  # SFTP paths start in the home directory
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="smolcluster watch", description=__doc__)
+    _add_arguments(parser)
+    return run_watch(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,62 @@
+"""Helpers for the Ansible tests: run real ansible-playbook processes in a scratch checkout."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+# What a scratch checkout needs: the playbooks, roles and the package the wheel is built from.
+CHECKOUT = [
+    "ansible.cfg", "site.yml", "train.yml", "teardown.yml", "pyproject.toml",
+    "inventory", "group_vars", "roles", "ansible", "smolcluster",
+]  # fmt: skip
+RECAP = re.compile(
+    r"^(\S+)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M
+)
+
+
+def scratch_checkout(dest: Path) -> Path:
+    """Copy what the playbooks need into dest, so runs never touch the developer's files."""
+    for name in CHECKOUT:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif src.exists():
+            shutil.copy2(src, dest / name)
+    return dest
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def playbook(cwd: Path, *args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_NOCOLOR": "1",
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
+    env.pop("ANSIBLE_CONFIG", None)
+    return subprocess.run(
+        [str(BIN / "ansible-playbook"), *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False,
+    )  # fmt: skip
+
+
+def recap(output: str) -> dict[str, dict[str, int]]:
+    """PLAY RECAP as {host: {ok, changed, unreachable, failed}}."""
+    return {
+        host: {"ok": int(ok), "changed": int(ch), "unreachable": int(un), "failed": int(fa)}
+        for host, ok, ch, un, fa in RECAP.findall(output)
+    }
+
+
+def show(result: subprocess.CompletedProcess[str]) -> str:
+    tail, err = result.stdout[-6000:], result.stderr[-3000:]
+    return f"rc={result.returncode}\n--- stdout (tail)\n{tail}\n--- stderr\n{err}"

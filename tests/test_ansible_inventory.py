@@ -1,0 +1,144 @@
+"""Wrong inventories and variables fail early, naming the problem; the real cluster
+inventory's addresses resolve as documented (read with ansible-inventory, never dialled)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.ansible_helpers import BIN, REPO, free_port, playbook, show
+
+LOCAL = {
+    "ansible_connection": "local",
+    "ansible_python_interpreter": "{{ ansible_playbook_python }}",
+}
+
+
+def _write_inventory(tmp_path: Path, server: list[str], workers: dict[str, dict]) -> Path:
+    hosts = {name: {**LOCAL, "cluster_dial_address": "127.0.0.1"} for name in server}
+    inventory = {
+        "all": {
+            "vars": {"smolcluster_root": str(tmp_path / "{{ inventory_hostname }}")},
+            "children": {
+                "server": {"hosts": hosts},
+                "workers": {"hosts": {n: {**LOCAL, **v} for n, v in workers.items()}},
+            },
+        }
+    }
+    path = tmp_path / "inventory.yml"
+    path.write_text(yaml.safe_dump(inventory))
+    return path
+
+
+def _preflight(inventory: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    # Only the preflight play's checks run; nothing is created or changed.
+    return playbook(
+        REPO, "site.yml", "-i", str(inventory), "--tags", "preflight",
+        "-e", f"smolcluster_port={free_port()}", "-e", "preflight_install_tools=false", *extra,
+    )  # fmt: skip
+
+
+def test_two_servers_fail_naming_them(tmp_path: Path) -> None:
+    inventory = _write_inventory(
+        tmp_path, ["mini1", "mini2"], {"mini3": {"cluster_dial_address": "127.0.0.1"}}
+    )
+    result = _preflight(inventory)
+    assert result.returncode != 0
+    assert "group 'server' must hold exactly one host, found 2: mini1, mini2" in result.stdout, (
+        show(result)
+    )
+
+
+def test_worker_without_server_address_fails_naming_it(tmp_path: Path) -> None:
+    lonely = {"cluster_interfaces": [{"link": "edge99", "address": "192.168.99.2", "prefix": 24}]}
+    inventory = _write_inventory(
+        tmp_path, ["mini1"], {"mini2": {"cluster_dial_address": "127.0.0.1"}, "pi9": lonely}
+    )
+    result = _preflight(inventory)
+    assert result.returncode != 0
+    assert "worker pi9 has no server address" in result.stdout, show(result)
+    assert "worker mini2" not in result.stdout
+
+
+def test_typo_in_role_variable_fails_naming_it(tmp_path: Path) -> None:
+    inventory = _write_inventory(
+        tmp_path, ["mini1"], {"mini2": {"cluster_dial_address": "127.0.0.1"}}
+    )
+    result = _preflight(inventory, "-e", "trainer_epoch=3")
+    assert result.returncode != 0
+    assert "unknown variable(s) on mini1: trainer_epoch" in result.stdout, show(result)
+
+
+def test_ill_typed_role_variable_fails_naming_it(tmp_path: Path) -> None:
+    inventory = _write_inventory(
+        tmp_path, ["mini1"], {"mini2": {"cluster_dial_address": "127.0.0.1"}}
+    )
+    result = _preflight(inventory, "-e", "trainer_batch_size=lots")
+    assert result.returncode != 0
+    assert "trainer_batch_size" in result.stdout, show(result)
+    assert not (tmp_path / "mini1").exists()  # failed before anything was created
+
+
+def test_bad_choice_fails_in_argument_specs(tmp_path: Path) -> None:
+    inventory = _write_inventory(
+        tmp_path, ["mini1"], {"mini2": {"cluster_dial_address": "127.0.0.1"}}
+    )
+    result = _preflight(inventory, "-e", "python_env_tool=conda")
+    assert result.returncode != 0
+    assert "python_env_tool" in result.stdout and "conda" in result.stdout, show(result)
+
+
+def _filters():
+    spec = importlib.util.spec_from_file_location(
+        "smolcluster_filters", REPO / "ansible" / "plugins" / "filter" / "smolcluster.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def cluster_inventory() -> tuple[dict, dict]:
+    out = subprocess.run(
+        [str(BIN / "ansible-inventory"), "-i", str(REPO / "inventory" / "cluster.yml"), "--list"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    listing = json.loads(out)
+    hostvars = listing["_meta"]["hostvars"]
+    groups = {name: body.get("hosts", []) for name, body in listing.items() if name != "_meta"}
+    groups["all"] = sorted(hostvars)
+    return hostvars, groups
+
+
+def test_cluster_inventory_host_ip_follows_the_links(cluster_inventory) -> None:
+    hostvars, groups = cluster_inventory
+    filters = _filters()
+    assert groups["server"] == ["mini1"]
+    assert sorted(groups["workers"]) == ["macbook", "mini2", "mini3", "pi4", "pi5"]
+    assert filters.inventory_errors(hostvars, groups, groups["workers"]) == []
+    table = filters.host_ip(hostvars, "mini1", groups["workers"])
+    assert table == {
+        "mini1": "10.10.0.1",
+        "mini2": "10.10.0.1",  # Thunderbolt fabric
+        "mini3": "10.10.0.1",
+        "pi5": "192.168.50.1",  # its own Ethernet link to mini1
+        "pi4": "10.10.0.1",  # routed through mini3 to the fabric
+        "macbook": "192.168.1.11",  # Wi-Fi: the explicit dial address
+    }
+
+
+def test_duplicate_address_and_split_subnet_are_reported(cluster_inventory) -> None:
+    hostvars, groups = cluster_inventory
+    hostvars = json.loads(json.dumps(hostvars))
+    hostvars["mini2"]["cluster_interfaces"][0]["address"] = "10.10.0.3"
+    hostvars["pi5"]["cluster_interfaces"][0]["address"] = "192.168.60.2"
+    errors = _filters().inventory_errors(hostvars, groups, groups["workers"])
+    assert "address 10.10.0.3 is used by both mini2 and mini3" in errors
+    assert any(e.startswith("link edge50 spans several subnets") for e in errors)
+    assert "host pi5: route to 10.10.0.0/24 via 192.168.50.1 is on none of its links" in errors
