@@ -77,6 +77,9 @@ ListenAddress ${WIFI_ADDR[$h]}:22
 HostKey $d/ssh/ssh_host_ed25519_key
 PidFile $d/ssh/sshd.pid
 AuthorizedKeysFile $SSH_DIR/authorized_keys
+# The checkout may live under a world-writable directory (CI clones into /tmp); sshd's
+# StrictModes would then refuse the lab's keys. The keys are made per lab, for the lab.
+StrictModes no
 PermitRootLogin prohibit-password
 PasswordAuthentication no
 KbdInteractiveAuthentication no
