@@ -210,7 +210,8 @@ class ElasticSession:
         self.mirror = replica.params.clone()  # the global weights as we last received them
         self.feedback = quantize.ErrorFeedback(replica.numel) if cfg.use_quantization else None
         self.stop = threading.Event()
-        threading.Thread(target=self._heartbeat, daemon=True).start()
+        self.heartbeat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
+        self.heartbeat.start()
 
     def _heartbeat(self) -> None:
         while not self.stop.wait(self.cfg.heartbeat_interval_s):
@@ -224,7 +225,10 @@ class ElasticSession:
         try:
             return self._loop(metrics)
         finally:
+            # Join, not just signal: a thread still alive at interpreter exit has been seen to
+            # abort the process ("terminate called without an active exception").
             self.stop.set()
+            self.heartbeat.join(timeout=5)
 
     def _loop(self, metrics: Metrics) -> bool:
         samples, losses = 0, 0.0
