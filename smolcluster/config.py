@@ -62,6 +62,7 @@ class ClusterConfig(_Strict):
     min_workers: int = Field(default=1, ge=1)
     staleness_exponent: float = Field(default=0.5, ge=0)
     server_lr: float = Field(default=1.0, gt=0)
+    server_momentum: float = Field(default=0.0, ge=0, lt=1)  # elastic outer Nesterov
     gloo_ifname: str | None = None
     # Several trainers sharing one machine fight over OpenMP threads; 1 each is far faster there.
     torch_threads: int | None = Field(default=None, ge=1)

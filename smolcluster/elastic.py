@@ -4,7 +4,9 @@ A worker runs its own Adam for K = push_interval local steps, then pushes the ps
 delta = (weights it started from) - (weights now) together with the global version it started
 from. The server applies each push as it arrives, never waiting for a round:
 
-    w <- w - server_lr * (1 + s) ** -staleness_exponent * min(1, n / (K * b)) / A * delta
+    g = (1 + s) ** -staleness_exponent * min(1, n / (K * b)) / A * delta
+    m <- server_momentum * m + g
+    w <- w - server_lr * (g + server_momentum * m)          (Nesterov; momentum 0: plain SGD)
 
 with s = current version - base version (staleness), n the samples behind the push, b the batch
 size and A the number of active workers (so a round of A fresh pushes moves w by about their
@@ -44,9 +46,9 @@ def push_interval(server_cfg) -> int:
 
 
 def merge_weight(cfg, staleness: int, samples: int, batch_size: int, active: int) -> float:
-    """How much of a pushed delta the global weights take (the formula in the module doc)."""
+    """How much of a pushed delta the outer step takes, before server_lr (module doc)."""
     share = min(1.0, samples / (push_interval(cfg) * batch_size))
-    return cfg.server_lr * (1 + staleness) ** -cfg.staleness_exponent * share / max(1, active)
+    return (1 + staleness) ** -cfg.staleness_exponent * share / max(1, active)
 
 
 class ElasticLoop:
@@ -59,6 +61,9 @@ class ElasticLoop:
         # The same number of samples a sync run of this plan would process.
         self.budget = plan.total_steps * self.cfg.num_workers * self.batch_size
         self.delta = torch.zeros(replica.numel)
+        # The outer optimizer's momentum. The server's own Adam is idle in elastic mode, so the
+        # buffer lives in its first-moment slot: checkpoints and --resume carry it for free.
+        self.momentum = replica.state_tensors()[1]
         # For int8 replies: the weights each worker holds of ours, so we send exact differences.
         self.mirrors: dict[Peer, torch.Tensor] = {}
         eval_every = max(1, server.settings.nn.eval_steps // push_interval(self.cfg))
@@ -142,7 +147,7 @@ class ElasticLoop:
             raise ProtocolError("non-finite update")
         staleness = server.step - base
         weight = merge_weight(self.cfg, staleness, samples, self.batch_size, len(server.active))
-        self.replica.params.sub_(self.delta, alpha=weight)
+        self._outer_step(weight)
         server.step += 1
         server.samples_merged += samples
         peer.samples += samples
@@ -153,7 +158,7 @@ class ElasticLoop:
             step=server.step,
             host=peer.host,
             staleness=staleness,
-            merge_weight=round(weight, 6),
+            merge_weight=round(self.cfg.server_lr * weight, 6),
             samples=server.samples_merged,
             loss=meta.get("loss"),
             workers=len(server.active),
@@ -161,6 +166,18 @@ class ElasticLoop:
             bytes_recv=sum(p.conn.bytes_recv for p in server.history),
         )
         return samples
+
+    def _outer_step(self, weight: float) -> None:
+        """w <- w - server_lr * (g + mu * m) with m <- mu * m + g, g = weight * delta.
+
+        Nesterov momentum over pushes, as DiLoCo's outer optimizer; mu = 0 is plain SGD.
+        """
+        mu, lr = self.cfg.server_momentum, self.cfg.server_lr
+        self.delta.mul_(weight)
+        if mu:
+            self.momentum.mul_(mu).add_(self.delta)
+            self.delta.add_(self.momentum, alpha=mu)
+        self.replica.params.sub_(self.delta, alpha=lr)
 
     def _reply(self, peer: Peer, pull: bool) -> None:
         meta = {"version": self.server.step, "weights": pull}
