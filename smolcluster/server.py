@@ -48,6 +48,7 @@ class Peer:
     rank: int
     joined_at: float = field(default_factory=time.monotonic)
     last_seen: float = field(default_factory=time.monotonic)
+    left_at: float | None = None  # when the server dropped it
     samples: int = 0
     steps: int = 0
     decoded: torch.Tensor | None = None  # int8 gradients are decoded here
@@ -169,6 +170,8 @@ class Server:
         return Peer(conn, host, rank)
 
     def drop(self, peer: Peer, reason: str, error: bool = False) -> None:
+        if peer.left_at is None:
+            peer.left_at = time.monotonic()
         for group in (self.active, self.pending):
             if peer in group:
                 group.remove(peer)
@@ -520,7 +523,8 @@ class Server:
             row["connections"] += 1
             row["bytes_sent"] += peer.conn.bytes_recv  # what the worker sent us
             row["bytes_recv"] += peer.conn.bytes_sent
-            row["seconds"] += time.monotonic() - peer.joined_at
+            left = peer.left_at if peer.left_at is not None else time.monotonic()
+            row["seconds"] += left - peer.joined_at
         for row in hosts.values():
             row["samples_per_s"] = round(row["samples"] / row.pop("seconds"), 2)
         return hosts
