@@ -108,6 +108,9 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-steps", type=int)
     parser.add_argument("--mode", choices=["sync", "elastic"])
     parser.add_argument("--backend", choices=["socket", "gloo"])
+    parser.add_argument(
+        "--balance", choices=["off", "auto"], help="sync: size batches by worker throughput"
+    )
     parser.add_argument("--port", type=int)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--metrics-dir", type=Path)

@@ -67,6 +67,10 @@ class ClusterConfig(_Strict):
     # Several trainers sharing one machine fight over OpenMP threads; 1 each is far faster there.
     torch_threads: int | None = Field(default=None, ge=1)
     wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    # sync: "auto" sizes each worker's batch by its measured throughput (docs/algorithms.md).
+    balance: Literal["off", "auto"] = "off"
+    # Debug: host -> seconds to sleep per step of batch_size samples (scaled by the samples a
+    # balanced sync step assigns), to emulate a slow machine.
     throttle_s: dict[str, float] = Field(default_factory=dict)
 
     @field_validator("host_ip")
@@ -75,6 +79,12 @@ class ClusterConfig(_Strict):
         for host, address in value.items():
             _check_address(address, f"host_ip.{host}")
         return value
+
+    @field_validator("balance", mode="before")
+    @classmethod
+    def _balance_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `off` as false; `balance: off` still means off.
+        return "off" if value is False else value
 
     @field_validator("bind_address")
     @classmethod
@@ -103,6 +113,9 @@ class ClusterConfig(_Strict):
         for host in self.throttle_s:
             if host not in self.workers:
                 raise _KeyError(f"throttle_s.{host}", "is not a worker")
+        if self.balance == "auto" and (self.mode, self.backend) != ("sync", "socket"):
+            where = f"mode {self.mode}, backend {self.backend}"
+            raise _KeyError("balance", f"auto needs mode sync and backend socket, not {where}")
         return self
 
     def rank_of(self, host: str) -> int:
@@ -186,6 +199,7 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "data_root": ("nn", "dataset.root"),
     "mode": ("cluster", "mode"),
     "backend": ("cluster", "backend"),
+    "balance": ("cluster", "balance"),
     "port": ("cluster", "port"),
     "metrics_dir": ("cluster", "metrics_dir"),
     "use_quantization": ("cluster", "use_quantization"),

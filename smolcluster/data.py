@@ -303,6 +303,25 @@ class ShardLoader:
         idx = self.order(epoch)[i * self.batch_size : (i + 1) * self.batch_size]
         return self.x[idx], self.y[idx]
 
+    def take(self, cursor: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """n samples starting at `cursor` in the endless stream of this shard's epochs.
+
+        Sample `cursor` is position cursor % len(shard) of epoch cursor // len(shard)'s order;
+        a take that runs off the end of an epoch continues with the next one. Balanced sync
+        steps (variable batch sizes) draw from here; the server keeps each worker's cursor.
+        """
+        if cursor < 0 or n < 1:
+            raise ValueError(f"need cursor >= 0 and n >= 1, got cursor {cursor}, n {n}")
+        size = len(self.indices)
+        chunks = []
+        while n > 0:
+            epoch, offset = divmod(cursor, size)
+            k = min(n, size - offset)
+            chunks.append(self.order(epoch)[offset : offset + k])
+            cursor, n = cursor + k, n - k
+        idx = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+        return self.x[idx], self.y[idx]
+
     def epoch_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for i in range(self.steps_per_epoch):
             yield self.batch(epoch, i)

@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from smolcluster import checkpoint, quantize
+from smolcluster.balance import Balancer
 from smolcluster.config import Settings
 from smolcluster.data import evaluate
 from smolcluster.metrics import Metrics, run_name
@@ -33,6 +34,7 @@ from smolcluster.protocol import (
     Frame,
     MsgType,
     ProtocolError,
+    payload_digest,
     read_secret,
     server_handshake,
 )
@@ -51,6 +53,7 @@ class Peer:
     left_at: float | None = None  # when the server dropped it
     samples: int = 0
     steps: int = 0
+    compute_s: float | None = None  # forward/backward time of its last step, as it reported
     decoded: torch.Tensor | None = None  # int8 gradients are decoded here
 
     @property
@@ -94,6 +97,12 @@ class Server:
         # Progress that a checkpoint carries across a restart.
         self.step = 0  # sync: optimizer steps taken; elastic: global version
         self.samples_merged = 0
+        # balance: auto (sync): throughput estimates and sample cursors per host, and the
+        # (cursor, samples) each peer was told to use for the step it computes next.
+        self.balancer: Balancer | None = None
+        if self.cfg.balance == "auto":
+            self.balancer = Balancer(settings.nn.batch_size)
+        self.assignment: dict[Peer, tuple[int, int]] = {}
 
     # -- connections ---------------------------------------------------------------------------
     def listen(self) -> None:
@@ -182,10 +191,16 @@ class Server:
         peer.conn.close()
 
     def send_to(
-        self, peer: Peer, mtype: MsgType, meta: dict[str, Any], payload: Any = b"", flags: int = 0
+        self,
+        peer: Peer,
+        mtype: MsgType,
+        meta: dict[str, Any],
+        payload: Any = b"",
+        flags: int = 0,
+        digest: bytes | None = None,
     ) -> bool:
         try:
-            peer.conn.send(mtype, meta, payload, flags)
+            peer.conn.send(mtype, meta, payload, flags, digest)
             return True
         except OSError as exc:
             self.drop(peer, f"send failed: {exc}")
@@ -228,6 +243,7 @@ class Server:
             workers=cfg.num_workers,
             total_steps=plan.total_steps,
             quantization=cfg.use_quantization,
+            balance=cfg.balance,
             resumed_at=self.step if resume else None,
         )
         signal.signal(signal.SIGTERM, lambda *_: self.terminate.set())
@@ -296,6 +312,7 @@ class Server:
                 "optimizer_step": replica.optimizer_step,
                 "torch_rng": torch.get_rng_state(),
                 "members": sorted({p.host for p in self.active}),
+                "cursors": dict(self.balancer.cursors) if self.balancer else {},
             },
         )
 
@@ -315,6 +332,8 @@ class Server:
         )
         torch.set_rng_state(state["torch_rng"])
         self.step, self.samples_merged = state["step"], state["samples_merged"]
+        if self.balancer is not None:
+            self.balancer.cursors.update(state.get("cursors", {}))
         log.info(
             "resumed from %s at step %d (members then: %s)",
             self.checkpoint_path,
@@ -370,6 +389,12 @@ class Server:
                 "optimizer_step": replica.optimizer_step,
                 "numel": replica.numel,
             }
+            if self.balancer is not None:
+                # Nobody measured it in the last step's split: a plain batch to start with.
+                if peer not in self.assignment:
+                    cursor = self.balancer.cursor(peer.host, step)
+                    self.assignment[peer] = (cursor, self.settings.nn.batch_size)
+                meta["cursor"], meta["batch"] = self.assignment[peer]
             if self.send_to(peer, MsgType.START, meta, state.numpy()):
                 self.pending.remove(peer)
                 self.active.append(peer)
@@ -403,6 +428,10 @@ class Server:
                 loss_sum += loss * n
                 peer.samples += n
                 peer.steps += 1
+                if self.balancer is not None:
+                    self.balancer.advance(peer.host, n)
+                    if peer.compute_s is not None:
+                        self.balancer.observe(peer.host, n, peer.compute_s)
             if not parts:
                 if not self.active and not self.pending:
                     self._wait_for_rejoin()
@@ -414,8 +443,14 @@ class Server:
                 quantize.decode(encoded, replica.numel, out=replica.grads)
                 flags, payload = FLAG_INT8, encoded.numpy()
             last = step + 1 == plan.total_steps
+            if self.balancer is not None and not last:
+                self._split_next(step + 1)
+            digest = payload_digest(payload)  # one pass over the average for all N frames
             for peer in answered:
-                self.send_to(peer, MsgType.AVERAGE, {"step": step, "last": last}, payload, flags)
+                meta = {"step": step, "last": last}
+                if peer in self.assignment:
+                    meta["cursor"], meta["batch"] = self.assignment[peer]
+                self.send_to(peer, MsgType.AVERAGE, meta, payload, flags, digest)
             grad_norms = replica.grad_norms() if nn_cfg.track_gradients else None
             replica.step()
             self.step += 1
@@ -429,6 +464,7 @@ class Server:
                 loss=loss_sum / samples,
                 samples=samples,
                 workers=len(answered),
+                batch_sizes={p.host: part[0] for p, part in answered.items()},
                 step_time_s=round(elapsed, 6),
                 samples_per_s=round(samples / elapsed, 2) if elapsed else None,
                 bytes_sent=sum(p.conn.bytes_sent for p in self.history),
@@ -438,6 +474,17 @@ class Server:
             self.evaluator.maybe(self.step, loss_sum / samples, final=last)
             self.boundary(replica)
         progress.close()
+
+    def _split_next(self, step: int) -> None:
+        """balance: auto: who computes `step` (active, and pending joiners) and on how many
+        samples each, in proportion to their measured throughput; sent with AVERAGE/START."""
+        assert self.balancer is not None
+        peers = sorted(self.active + self.pending, key=lambda p: p.rank)
+        sizes = self.balancer.split([p.host for p in peers])
+        self.assignment = {
+            peer: (self.balancer.cursor(peer.host, step), n)
+            for peer, n in zip(peers, sizes, strict=True)
+        }
 
     def _collect(self, step: int, replica: Replica) -> dict[Peer, tuple[int, float, torch.Tensor]]:
         """Gradients of this step from every active worker; drop who misses the deadline.
@@ -479,6 +526,11 @@ class Server:
         n, loss = meta.get("samples"), meta.get("loss")
         if not isinstance(n, int) or n <= 0 or not isinstance(loss, int | float):
             raise ProtocolError("gradients without a valid sample count and loss")
+        if self.balancer is not None and n != self.assignment.get(peer, (0, n))[1]:
+            raise ProtocolError(f"gradients of {n} samples, assigned {self.assignment[peer][1]}")
+        compute_s = meta.get("compute_s")
+        valid = isinstance(compute_s, int | float) and 0 <= compute_s < float("inf")
+        peer.compute_s = float(compute_s) if valid else None
         if expected_checksum is not None and meta.get("checksum") != expected_checksum:
             self.checksum_mismatches += 1
             raise ProtocolError(

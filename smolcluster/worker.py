@@ -50,6 +50,9 @@ class Worker:
         self.samples = 0
         self.steps = 0
         self._last_step: tuple[float, float] | None = None  # (started, sent) of the last step
+        # balance: auto: (cursor, samples) the server assigned for the next step; None means
+        # the plain batch of the step (ShardLoader.batch).
+        self._assigned: tuple[int, int] | None = None
 
     def connect(self) -> Connection:
         """Dial with exponential backoff capped at connect_backoff_s, connect_retries times."""
@@ -170,6 +173,7 @@ class Worker:
                 step = frame.meta["step"]
                 state = torch.frombuffer(frame.payload, dtype=torch.float32)
                 replica.load_state_buffer(state, frame.meta["optimizer_step"])
+                self._assigned = _assignment(frame.meta)
                 log.info("synchronized at step %d of %d", step, frame.meta["total_steps"])
             elif frame.type == MsgType.AVERAGE:
                 if frame.meta.get("step") != step:
@@ -180,6 +184,7 @@ class Worker:
                     quantize.decode(self._int8_buffer, replica.numel, out=replica.grads)
                 replica.step()
                 step += 1
+                self._assigned = _assignment(frame.meta)
                 if frame.meta.get("last"):
                     continue  # DONE follows
             elif frame.type == MsgType.DONE:
@@ -209,13 +214,22 @@ class Worker:
     ) -> None:
         started = time.monotonic()
         epoch, i = plan.position(step)
-        x, y = loader.batch(epoch, i)
-        meta = {"step": step, "samples": len(y)}
+        meta: dict = {"step": step}
         if step % self.cfg.checksum_interval == 0:
             meta["checksum"] = replica.checksum()
+        computing = time.monotonic()
+        if self._assigned is not None:
+            x, y = loader.take(*self._assigned)
+        else:
+            x, y = loader.batch(epoch, i)
+        meta["samples"] = len(y)
         meta["loss"] = replica.compute_gradients(x, y)
         if self.throttle_s:
-            time.sleep(self.throttle_s)
+            # Proportional to the work, as a slower machine would be: throttle_s per
+            # batch_size samples (exactly throttle_s per step unless balancing resizes it).
+            time.sleep(self.throttle_s * (len(y) / loader.batch_size))
+        # What the server balances on: drawing the batch, forward/backward (and throttle).
+        meta["compute_s"] = round(time.monotonic() - computing, 6)
         if self.cfg.use_quantization:
             conn.send(MsgType.GRADS, meta, quantize.encode(replica.grads).numpy(), FLAG_INT8)
         else:
@@ -234,7 +248,18 @@ class Worker:
             step=step + 1,
             epoch=epoch,
             loss=meta["loss"],
-            compute_s=round(time.monotonic() - started, 6),
+            samples=len(y),
+            compute_s=meta["compute_s"],
             bytes_sent=self.bytes_sent + conn.bytes_sent,
             bytes_recv=self.bytes_recv + conn.bytes_recv,
         )
+
+
+def _assignment(meta: dict) -> tuple[int, int] | None:
+    """The (cursor, samples) a balanced sync step was assigned in START or AVERAGE."""
+    cursor, batch = meta.get("cursor"), meta.get("batch")
+    if cursor is None and batch is None:
+        return None
+    if not (isinstance(cursor, int) and isinstance(batch, int) and cursor >= 0 and batch >= 1):
+        raise ProtocolError(f"bad batch assignment: cursor {cursor!r}, batch {batch!r}")
+    return cursor, batch
