@@ -85,11 +85,37 @@ def test_train_one_epoch_reports_accuracy(cluster) -> None:
     assert summary[0]["steps"] == 20
 
 
+def newest_run_summary(work: Path) -> dict:
+    run = max((work / "runs").iterdir(), key=lambda p: p.stat().st_mtime)
+    assert (run / "report.png").stat().st_size > 0
+    events = [json.loads(line) for line in (run / "mini1" / "mini1.jsonl").read_text().splitlines()]
+    return next(e for e in events if e["event"] == "summary")
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "value"),
+    [("mode=elastic", "mode", "elastic"), ("backend=gloo", "backend", "gloo")],
+)
+def test_train_other_modes(cluster, override: str, key: str, value: str) -> None:
+    """`train.yml -e mode=elastic` and `-e backend=gloo` run on the same hosts and report."""
+    result = playbook(
+        cluster["work"], "train.yml", "-e", override, "-e", "epochs=1", "-e", "max_steps=60",
+        "-e", "trainer_poll_interval_s=2", *cluster["extra"],
+    )  # fmt: skip
+    assert result.returncode == 0, show(result)
+    summary = newest_run_summary(cluster["work"])
+    assert summary.get(key, "socket" if key == "backend" else None) == value, summary
+    # A trained model, not a random one (10 classes: chance is 0.1).
+    assert summary["final_accuracy"] > 0.5, summary
+
+
 def test_train_fails_naming_the_host_whose_job_died(cluster) -> None:
     pid_file = cluster["work"] / ".local-cluster" / "pi4" / "run" / "pi4.pid"
     proc = subprocess.Popen(
         [str(BIN / "ansible-playbook"), "train.yml", "-e", "epochs=1", "-e", "max_steps=60",
-         "-e", "step_timeout_s=15", "-e", "trainer_poll_interval_s=2", *cluster["extra"]],
+         "-e", "step_timeout_s=15", "-e", "trainer_poll_interval_s=2",
+         # pi4 dies before it joins: the server starts without it after this wait.
+         "-e", "join_timeout_s=30", *cluster["extra"]],
         cwd=cluster["work"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
