@@ -22,10 +22,11 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from benchmarks import exchange
+from benchmarks import elastic_study, exchange
 from benchmarks.common import REPO, default_data_root, prepare_data, time_to_accuracy
 from benchmarks.gloo_runs import run_gloo
 from benchmarks.results import RunResult, grad_bytes
@@ -322,6 +323,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tta-eval-steps", type=int, default=10)
     p.add_argument("--tta-max-steps", type=int, default=1_000_000, help="cap each TTA run")
     p.add_argument("--no-tta", action="store_true")
+    p.add_argument(
+        "--study",
+        nargs="*",
+        choices=list(elastic_study.PARTS),
+        help="elastic study parts (benchmarks/elastic_study.py; default all, quick: none)",
+    )
+    p.add_argument("--study-epochs", type=int, default=2)
+    p.add_argument("--study-k", type=int, default=10, help="elastic K in the study")
+    p.add_argument("--study-max-steps", type=int, default=1_000_000)
     p.add_argument("--data-root", type=Path, default=None)
     p.add_argument("--work-dir", type=Path, help="keep logs and metrics here (default: temp)")
     p.add_argument("--json", type=Path, help="write all results here")
@@ -331,6 +341,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     a.exchange_iters = a.exchange_iters or (30 if a.quick else 100)
     a.exchange_bytes = a.exchange_bytes or [grad_bytes()]
     a.tta_epochs = a.tta_epochs or (1 if a.quick else 4)
+    if a.study is None:
+        a.study = [] if a.quick else list(elastic_study.PARTS)
     a.data_root = (a.data_root or default_data_root()).resolve()
     return a
 
@@ -375,6 +387,15 @@ def main(argv: list[str] | None = None) -> int:
                 }
             )
         tta = [] if a.no_tta else run_tta(a, modes, work)
+        study_opts = elastic_study.Options(
+            workers=a.tta_workers,
+            epochs=a.study_epochs,
+            k=a.study_k,
+            batch_size=a.batch_size,
+            max_steps=a.study_max_steps,
+            data_root=a.data_root,
+        )
+        study = elastic_study.run_parts(a.study, study_opts)
     finally:
         if a.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -394,8 +415,10 @@ def main(argv: list[str] | None = None) -> int:
             f"(N={a.tta_workers}, eval every {a.tta_eval_steps} steps)\n"
         )
         print(tta_table(tta))
-    print("\n## Goals (issue 6)\n")
-    goal_lines = goals(results, xchg, tta)
+    if study:
+        print("\n" + elastic_study.report(study, study_opts))
+    print("\n## Goals (issues 4 and 6)\n")
+    goal_lines = goals(results, xchg, tta) + elastic_study.goals(study)
     for line in goal_lines + notes:
         print(line)
     if a.json:
@@ -410,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
                     "end_to_end": [r.as_dict() for r in results],
                     "exchange": xchg,
                     "tta": tta,
+                    "study": [asdict(r) for r in study],
                     "goals": goal_lines,
                     "notes": notes,
                 },

@@ -7,6 +7,7 @@ metrics the processes write (the same files the Ansible report reads).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -44,6 +45,7 @@ def write_configs(
     mode: str = "sync",
     update_interval: int = 50,
     threads: int = 1,
+    extra: dict[str, Any] | None = None,
 ) -> tuple[Path, Path, list[str]]:
     from smolcluster.protocol import write_secret
 
@@ -68,6 +70,7 @@ def write_configs(
         "connect_backoff_s": 0.2,
         "join_timeout_s": 120.0,
         "step_timeout_s": 120.0,
+        **(extra or {}),
     }
     nn = {
         "batch_size": batch_size,
@@ -102,7 +105,9 @@ def run_socket(
     eval_steps: int = 1_000_000,
     threads: int = 1,
     timeout: float = 600.0,
+    extra: dict[str, Any] | None = None,
 ) -> RunResult:
+    """One run; `extra` adds or overrides cluster-config keys (server_lr, throttle_s, ...)."""
     port = free_port_pair()
     cluster_file, nn_file, workers = write_configs(
         out,
@@ -114,6 +119,7 @@ def run_socket(
         mode=mode,
         update_interval=update_interval,
         threads=threads,
+        extra=extra,
     )
     common = [
         "--cluster-config",

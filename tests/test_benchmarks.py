@@ -39,6 +39,14 @@ def test_harness_end_to_end(tmp_path: Path, offline_digits_root: Path) -> None:
             "15",
             "--local-steps",
             "4",
+            "--study",
+            "slow",
+            "--study-epochs",
+            "1",
+            "--study-max-steps",
+            "12",
+            "--study-k",
+            "4",
             "--data-root",
             str(offline_digits_root),
             "--work-dir",
@@ -104,6 +112,13 @@ def test_harness_end_to_end(tmp_path: Path, offline_digits_root: Path) -> None:
         assert row["step"] is not None and row["step"] <= 15, row
         assert row["seconds"] > 0
     assert any("goal" in line for line in report["goals"])
+    # The elastic study's slow-worker part: the same sample budget in each of its four runs.
+    assert "## One worker ~5x slower" in text, text
+    study = {r["label"]: r for r in report["study"]}
+    assert set(study) == {"sync, no slow worker", "sync", "sync, balance auto", "elastic"}
+    assert len({r["samples"] for r in study.values()}) == 1, study
+    assert all(r["wall_s"] > 0 and 0 <= r["final_accuracy"] <= 1 for r in study.values())
+    assert any("5x slower" in line for line in report["goals"])
     assert report["machine"]["nproc"] and report["machine"]["torch"]
 
 
