@@ -1,9 +1,11 @@
 """The wire protocol: length-prefixed, HMAC-authenticated frames carrying one flat tensor buffer.
 
 Frame = header (28 bytes) | metadata (JSON) | payload (raw bytes) | tag (32 bytes).
-The tag is HMAC-SHA256 over header, metadata and payload under a per-connection, per-direction
-key; the header carries a sequence number the receiver checks, so frames can be neither forged,
-replayed nor reordered. Nothing on this path is ever unpickled. docs/protocol.md has the layout.
+The tag is HMAC-SHA256 over header, metadata and SHA-256(payload) under a per-connection,
+per-direction key (hashing the payload once lets the server send one average to N workers with
+one pass over it, not N); the header carries a sequence number the receiver checks, so frames
+can be neither forged, replayed nor reordered. Nothing on this path is ever unpickled.
+docs/protocol.md has the layout.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 MAGIC = b"SMCL"
-VERSION = 1
+VERSION = 2  # 2: the tag covers SHA-256(payload) instead of the payload itself
 HEADER = struct.Struct("!4sBBHQIQ")  # magic, version, type, flags, seq, meta_len, payload_len
 TAG_LEN = 32
 MAX_META = 64 * 1024
@@ -96,6 +98,11 @@ def write_secret(path: Path, force: bool = False) -> None:
     os.replace(tmp, path)
 
 
+def payload_digest(payload: bytes | bytearray | memoryview) -> bytes:
+    """What a frame's tag covers of its payload; compute once to send one payload many times."""
+    return hashlib.sha256(memoryview(payload).cast("B")).digest()
+
+
 def _mac_key(key: bytes, label: bytes) -> bytes:
     return hmac.new(key, label, hashlib.sha256).digest()
 
@@ -135,16 +142,19 @@ class Connection:
         meta: dict[str, Any] | None = None,
         payload: bytes | bytearray | memoryview = b"",
         flags: int = 0,
+        digest: bytes | None = None,
     ) -> None:
+        """Send one frame; `digest` = payload_digest(payload) when the caller has it already."""
         meta_bytes = json.dumps(meta or {}, separators=(",", ":")).encode()
         body = memoryview(payload).cast("B")
+        digest = digest or payload_digest(body)
         with self._send_lock:
             header = HEADER.pack(
                 MAGIC, VERSION, int(mtype), flags, self._send_seq, len(meta_bytes), body.nbytes
             )
             mac = hmac.new(self._send_key, header, hashlib.sha256)
             mac.update(meta_bytes)
-            mac.update(body)
+            mac.update(digest)
             self._send_seq += 1
             # One gathered write: no copy of the payload, no small packets with TCP_NODELAY.
             self._sendmsg([header + meta_bytes, body, mac.digest()])
@@ -196,7 +206,7 @@ class Connection:
         self._recv_exact(memoryview(self._tag))
         mac = hmac.new(self._recv_key, self._header, hashlib.sha256)
         mac.update(meta_raw)
-        mac.update(target)
+        mac.update(payload_digest(target))
         if not hmac.compare_digest(mac.digest(), self._tag):
             raise ProtocolError(f"bad HMAC on {kind.name} frame {seq}")
         self._recv_seq += 1
