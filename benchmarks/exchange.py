@@ -64,7 +64,7 @@ def _gloo_rank(a: argparse.Namespace) -> None:
 
 
 def _ours_server(a: argparse.Namespace) -> None:
-    from smolcluster.protocol import MsgType, read_secret, server_handshake
+    from smolcluster.protocol import MsgType, payload_digest, read_secret, server_handshake
 
     secret = read_secret(Path(a.secret))
     numel = a.bytes // 4
@@ -83,14 +83,15 @@ def _ours_server(a: argparse.Namespace) -> None:
         samples = 0
         for conn, buf in zip(conns, buffers, strict=True):
             frame = conn.expect(MsgType.GRADS, into={MsgType.GRADS: memoryview(buf.numpy())})
-            if not torch.isfinite(buf).all():
+            if not torch.isfinite(buf.sum()):
                 raise SystemExit("non-finite gradients")
             n = frame.meta["samples"]
             total.add_(buf, alpha=n)
             samples += n
         torch.div(total, samples, out=average)
+        digest = payload_digest(average.numpy())  # hashed once for all N frames, as the server
         for conn in conns:
-            conn.send(MsgType.AVERAGE, {"step": step}, average.numpy())
+            conn.send(MsgType.AVERAGE, {"step": step}, average.numpy(), digest=digest)
     for conn in conns:
         conn.expect(MsgType.BYE)
         conn.close()
