@@ -125,7 +125,9 @@ class Worker:
                 conn = self.connect()
                 try:
                     finished = self._session(conn, plan, loader, replica, metrics)
-                except PeerClosed as exc:
+                # A send into a broken path fails with the socket's own error (reset, broken
+                # pipe, send timeout), not PeerClosed: e.g. a push blocked while a cable is out.
+                except (PeerClosed, ConnectionError, TimeoutError) as exc:
                     log.warning("lost the server (%s); reconnecting", exc)
                     continue
                 finally:
