@@ -17,4 +17,4 @@ lint:
 	.venv/bin/ruff format --check smolcluster tests benchmarks
 
 test: setup-dev lint
-	.venv/bin/pytest -q -ra
+	.venv/bin/pytest -q -ra --durations=25
