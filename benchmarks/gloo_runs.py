@@ -6,6 +6,7 @@ the same samples per step, the same model and optimizer, the same seeded shards.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks.common import (
@@ -31,7 +32,12 @@ def run_gloo(
     eval_steps: int = 1_000_000,
     threads: int = 1,
     timeout: float = 600.0,
+    master_addr: str = LOOPBACK,
+    ifname: str | None = None,
+    launch: Callable[[str], list[str]] | None = None,
 ) -> RunResult:
+    """`launch(host)` is an argv prefix per rank's host name (benchmarks/links.py runs each rank
+    in its own network namespace, with master_addr = rank 0's address, ifname its veth)."""
     port = free_port_pair()
     hosts = [f"rank{r}" for r in range(n)]
     metrics = out / "metrics"
@@ -40,11 +46,12 @@ def run_gloo(
         group.start(
             hosts[rank],
             [
+                *(launch(hosts[rank]) if launch else []),
                 python(),
                 "-m",
                 "smolcluster.gloo_backend",
                 "--master-addr",
-                LOOPBACK,
+                master_addr,
                 "--port",
                 str(port),
                 "--world-size",
@@ -65,6 +72,7 @@ def run_gloo(
                 str(data_root),
                 "--metrics-dir",
                 str(metrics),
+                *(["--ifname", ifname] if ifname else []),
             ],
         )
     group.check(group.wait(timeout, step_counter(metrics / f"{hosts[0]}.jsonl"), cpu_marks(steps)))

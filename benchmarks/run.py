@@ -26,7 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from benchmarks import elastic_study, exchange
+from benchmarks import elastic_study, exchange, links
 from benchmarks.common import REPO, default_data_root, prepare_data, time_to_accuracy
 from benchmarks.gloo_runs import run_gloo
 from benchmarks.results import RunResult, grad_bytes
@@ -335,6 +335,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data-root", type=Path, default=None)
     p.add_argument("--work-dir", type=Path, help="keep logs and metrics here (default: temp)")
     p.add_argument("--json", type=Path, help="write all results here")
+    p.add_argument(
+        "--links",
+        nargs="+",
+        metavar="PROFILE",
+        help="instead of loopback: run the end-to-end modes across throwaway network namespaces "
+        f"with these link profiles ({', '.join(links.PROFILES)} or all; needs root; "
+        "benchmarks/links.py)",
+    )
     a = p.parse_args(argv)
     a.workers = a.workers or ([3] if a.quick else [2, 3, 4])
     a.steps = a.steps or (30 if a.quick else 100)
@@ -347,8 +355,108 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return a
 
 
+def link_wire_table(runs: list[links.LinkRun]) -> str:
+    rows = []
+    for run in runs:
+        r = run.result
+        where, payload = links.busiest_payload(run)
+        floor = links.transfer_floor_ms(run) if math.isfinite(run.rate_bytes_per_s) else None
+        end, wire = run.busiest()
+        rows.append(
+            [
+                r.mode,
+                str(r.workers),
+                where,
+                _fmt(payload, ",.0f"),
+                _fmt(floor, ".1f"),
+                _fmt(r.step_ms_median),
+                _fmt(r.step_ms_median / floor if floor else None, ".2f"),
+                f"{wire / 1e6:,.1f} ({end})",
+            ]
+        )
+    return table(
+        [
+            "mode",
+            "N",
+            "busiest link",
+            "payload B/step on it",
+            "rate floor ms/step",
+            "step ms p50",
+            "p50 ÷ floor",
+            "MB through busiest shaper, whole run",
+        ],
+        rows,
+    )
+
+
+def main_links(a: argparse.Namespace, info: dict[str, str], dataset: str) -> int:
+    """--links: the end-to-end modes inside network namespaces, one table per link profile."""
+    try:
+        profiles = links.choose_profiles(a.links)
+    except ValueError as e:
+        print(f"benchmarks.run: error: {e}", file=sys.stderr)
+        return 2
+    why = links.unavailable_reason()
+    if why:
+        print(f"benchmarks.run: error: {why}", file=sys.stderr)
+        return 2
+    notes: list[str] = []
+    work = a.work_dir or Path(tempfile.mkdtemp(prefix="smolcluster-bench-"))
+    try:
+        modes = _modes(a, notes)
+        runs = links.run_profiles(profiles, a.workers, a.steps, modes, work, GLOO)
+    finally:
+        if a.work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    left = links.our_namespaces()
+    print(f"\nnamespaces with prefix {links.PREFIX} left: {left or 'none'}")
+    for profile in profiles:
+        mine = [r for r in runs if r.profile == profile.key]
+        if not mine:
+            continue
+        print(f"\n## Links: {profile.label} (x gloo = samples/s ratio, same profile, same run)\n")
+        print(f"shaping: {mine[0].shaping}\n")
+        print(end_to_end_table([r.result for r in mine]))
+        print()
+        print(link_wire_table(mine))
+    print(
+        "\npayload B/step: the busiest link direction's bytes per step from the trainers' byte"
+        " counters (socket: N x a worker's, on the server's link; gloo ring: one rank's);"
+        " elastic: per local step, amortised over pushes. rate floor = that ÷ the profile's"
+        " rate (the least step time the link allows). MB through busiest shaper: bytes the"
+        " busiest cable end's qdisc sent during the whole run (headers, set-up and initial"
+        " weights included; 'up' = host -> switch, 'down' = switch -> host; h0 = the server,"
+        " gloo: rank 0)."
+    )
+    for line in notes:
+        print(line)
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(
+            json.dumps(
+                {
+                    "machine": info,
+                    "dataset": dataset,
+                    "argv": sys.argv[1:],
+                    "grad_bytes": grad_bytes(),
+                    "netem": any(r.shaping.startswith("netem") for r in runs),
+                    "links": [r.as_dict() for r in runs],
+                    "namespaces_left": left,
+                    "notes": notes,
+                },
+                indent=2,
+            )
+        )
+    return 1 if left else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
+    if a.links:
+        why = links.unavailable_reason()
+        if why:  # before the data and torch: refuse at once
+            print(f"benchmarks.run: error: {why}", file=sys.stderr)
+            return 2
     notes: list[str] = []
     info = machine()
     dataset = prepare_data(a.data_root)
@@ -359,8 +467,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"dataset: {dataset}; model SimpleNN ({grad_bytes():,} B of fp32 gradients); batch "
-        f"{a.batch_size} per worker; {a.threads} torch thread(s) per process; loopback only"
+        f"{a.batch_size} per worker; {a.threads} torch thread(s) per process; "
+        + ("network namespaces (benchmarks/links.py)" if a.links else "loopback only")
     )
+    if a.links:
+        return main_links(a, info, dataset)
     work = a.work_dir or Path(tempfile.mkdtemp(prefix="smolcluster-bench-"))
     try:
         modes = _modes(a, notes)

@@ -6,6 +6,7 @@ metrics the processes write (the same files the Ansible report reads).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -106,8 +107,12 @@ def run_socket(
     threads: int = 1,
     timeout: float = 600.0,
     extra: dict[str, Any] | None = None,
+    launch: Callable[[str], list[str]] | None = None,
 ) -> RunResult:
-    """One run; `extra` adds or overrides cluster-config keys (server_lr, throttle_s, ...)."""
+    """One run; `extra` adds or overrides cluster-config keys (server_lr, throttle_s, ...).
+
+    `launch(host)` is an argv prefix per host (benchmarks/links.py: `ip netns exec <ns>`,
+    with host_ip and bind_address in `extra`); default: plain processes on loopback."""
     port = free_port_pair()
     cluster_file, nn_file, workers = write_configs(
         out,
@@ -135,9 +140,15 @@ def run_socket(
     ]
     group = ProcessGroup(out / "logs", child_env(threads))
     cli = [python(), "-m", "smolcluster"]
-    group.start(SERVER, [*cli, "server", *common])
+
+    def prefix(host: str) -> list[str]:
+        return launch(host) if launch else []
+
+    group.start(SERVER, [*prefix(SERVER), *cli, "server", *common])
     for rank, host in enumerate(workers, start=1):
-        group.start(host, [*cli, "worker", *common, "--rank", str(rank), "--host", host])
+        group.start(
+            host, [*prefix(host), *cli, "worker", *common, "--rank", str(rank), "--host", host]
+        )
     progress = step_counter(out / "metrics" / f"{SERVER}.jsonl")
     if mode == "elastic":
         # The server logs one step event per merged push: steps * n / K of them.

@@ -1,0 +1,418 @@
+"""The benchmark modes across shaped links: throwaway network namespaces with link profiles.
+
+    sudo .venv/bin/python -m benchmarks.run --links all --workers 3 --steps 60
+
+Builds its OWN namespaces (prefix `sclbench-<pid>-`, never the lab's `scl-`): one bridge
+namespace (`...br`, a bridge br0: the switch) and one namespace per host (`...h0` the server,
+`...h1`.. the workers), each joined to the bridge by a veth (`eth0` in the host, `h<i>` on the
+bridge). Addresses are 10.10.0.<i+1>/24 as on the cluster's Thunderbolt fabric, and exist only
+inside these namespaces: the root namespace never gets an address or route of that subnet,
+and nothing is sent to it from the root namespace (the network rule). Processes run with
+`ip netns exec <ns> <python> -m smolcluster ...`.
+
+A profile shapes BOTH ends of every host's veth, so each direction of each host's link is
+limited: the host side (host -> switch) and the bridge side (switch -> host). With sch_netem,
+`netem delay (RTT/4) rate R` (a packet crosses two shapers each way, so RTT = 4 x delay);
+without it (this kernel), `tbf rate R burst B latency L`: rate only, NO added delay. Which one
+was used is printed with every table.
+
+Every namespace is deleted on the way out (try/finally, SIGINT/SIGTERM/SIGHUP turned into
+exceptions, atexit as a last resort), after killing every process in it (`ip netns pids`).
+Namespaces left by a killed earlier run (owner pid gone) are removed on the next start.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from benchmarks.results import RunResult
+
+PREFIX = "sclbench-"
+SUBNET = "10.10.0"  # the cluster fabric's subnet, only ever inside our namespaces
+IFNAME = "eth0"  # a host's veth, inside its namespace
+TBF_LATENCY_MS = 50  # tbf queue: packets waiting longer than this are dropped
+MIN_BURST = 64 * 1024  # >= one GSO segment; tbf splits bigger ones
+
+
+@dataclass(frozen=True)
+class Profile:
+    key: str
+    label: str
+    rate_mbit: float | None  # None: unshaped
+    rtt_ms: float | None  # used only with netem
+
+    def burst_bytes(self) -> int:
+        """tbf bucket: 1 ms at the rate, at least 64 KiB (small next to a step's MBs)."""
+        assert self.rate_mbit is not None
+        return max(MIN_BURST, int(self.rate_mbit * 1e6 / 8 / 1000))
+
+    @property
+    def rate_bytes_per_s(self) -> float:
+        return float("inf") if self.rate_mbit is None else self.rate_mbit * 1e6 / 8
+
+
+PROFILES: dict[str, Profile] = {
+    p.key: p
+    for p in (
+        Profile("veth", "unshaped veth", None, None),
+        Profile("tb", "Thunderbolt 10gbit", 10_000, 0.3),
+        Profile("gbe", "GbE 940mbit", 940, 0.2),
+        Profile("wifi", "Wi-Fi 200mbit", 200, 4.0),
+    )
+}
+
+
+def choose_profiles(names: list[str]) -> list[Profile]:
+    if "all" in names:
+        return list(PROFILES.values())
+    unknown = [n for n in names if n not in PROFILES]
+    if unknown:
+        raise ValueError(f"unknown link profile(s) {unknown}; choose from {[*PROFILES, 'all']}")
+    return [PROFILES[n] for n in dict.fromkeys(names)]
+
+
+def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, check=check, timeout=60)
+
+
+def unavailable_reason() -> str | None:
+    """None when this process can build namespaces and shape links, else why not."""
+    if os.geteuid() != 0:
+        return "--links needs root (it creates network namespaces); run it with sudo"
+    for tool in ("ip", "tc"):
+        if not shutil.which(tool):
+            return f"--links needs `{tool}` (apt-get install iproute2)"
+    if _run("ip", "netns", "list", check=False).returncode:
+        return "`ip netns` is not usable here"
+    return None
+
+
+def our_namespaces(prefix: str = PREFIX) -> list[str]:
+    out = _run("ip", "netns", "list", check=False).stdout
+    return [line.split()[0] for line in out.splitlines() if line.startswith(prefix)]
+
+
+def root_uses_subnet() -> str | None:
+    """A root-namespace address or route in our subnet: refuse, it would mix with real traffic."""
+    addrs = _run("ip", "-4", "-o", "addr", "show").stdout
+    if f" {SUBNET}." in addrs:
+        return f"the root namespace has an address in {SUBNET}.0/24"
+    for line in _run("ip", "-4", "route", "show", "table", "all").stdout.splitlines():
+        if any(word.startswith(f"{SUBNET}.") for word in line.split()):
+            return f"the root namespace has a route into {SUBNET}.0/24: {line.strip()}"
+    return None
+
+
+def kill_and_delete(names: list[str]) -> list[str]:
+    """Kill every process in each namespace, then delete it; returns the ones left."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        alive = False
+        for ns in names:
+            for pid in _run("ip", "netns", "pids", ns, check=False).stdout.split():
+                alive = True
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), sig)
+        if not alive:
+            break
+        time.sleep(0.5)
+    for ns in names:
+        _run("ip", "netns", "del", ns, check=False)
+    existing = set(our_namespaces())
+    return [ns for ns in names if ns in existing]
+
+
+def remove_stale() -> list[str]:
+    """Namespaces of an earlier run whose process is gone (killed with SIGKILL, say)."""
+    stale = []
+    for ns in our_namespaces():
+        owner = ns[len(PREFIX) :].split("-", 1)[0]
+        if owner.isdigit() and int(owner) != os.getpid() and not Path(f"/proc/{owner}").exists():
+            stale.append(ns)
+    if stale:
+        kill_and_delete(stale)
+    return stale
+
+
+def netem_available(ns: str) -> bool:
+    """Try a netem qdisc on the namespace's loopback (the kernel may lack sch_netem)."""
+    ok = _run("tc", "-n", ns, "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms",
+              check=False).returncode == 0  # fmt: skip
+    if ok:
+        _run("tc", "-n", ns, "qdisc", "del", "dev", "lo", "root", check=False)
+    return ok
+
+
+class Fabric:
+    """A bridge namespace and `hosts` host namespaces; a context manager that always tears down.
+
+    Host i lives in `ns(i)` with address `addr(i)` on its `eth0`; its cable's switch end is
+    `h<i>` in the bridge namespace.
+    """
+
+    def __init__(self, hosts: int) -> None:
+        self.hosts = hosts
+        self.tag = f"{PREFIX}{os.getpid()}-"
+        self.bridge = f"{self.tag}br"
+        self.netem = False
+        self.shaping = "none"
+        self._old: dict[int, Any] = {}
+        self._up = False
+
+    def ns(self, i: int) -> str:
+        return f"{self.tag}h{i}"
+
+    def addr(self, i: int) -> str:
+        return f"{SUBNET}.{i + 1}"
+
+    def launch(self, i: int) -> list[str]:
+        return ["ip", "netns", "exec", self.ns(i)]
+
+    def names(self) -> list[str]:
+        return [self.bridge, *(self.ns(i) for i in range(self.hosts))]
+
+    def __enter__(self) -> Fabric:
+        self._trap()
+        try:
+            self.up()
+        except BaseException:
+            self.down()
+            self._untrap()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.down()
+        finally:
+            self._untrap()
+
+    def _trap(self) -> None:
+        def stop(signum: int, frame: FrameType | None) -> None:
+            raise SystemExit(128 + signum)  # unwinds through every finally, then __exit__
+
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            self._old[sig] = signal.signal(sig, stop)
+        # SIGINT already raises KeyboardInterrupt unless someone replaced the handler.
+        self._old[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
+        atexit.register(self.down)
+
+    def _untrap(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+        atexit.unregister(self.down)
+
+    def up(self) -> None:
+        reason = unavailable_reason() or root_uses_subnet()
+        if reason:
+            raise RuntimeError(reason)
+        remove_stale()
+        if our_namespaces(self.tag):
+            raise RuntimeError(f"namespaces {our_namespaces(self.tag)} exist already")
+        self._up = True
+        _run("ip", "netns", "add", self.bridge)
+        _run("ip", "-n", self.bridge, "link", "set", "lo", "up")
+        _run("ip", "-n", self.bridge, "link", "add", "br0", "type", "bridge")
+        _run("ip", "-n", self.bridge, "link", "set", "br0", "up")
+        for i in range(self.hosts):
+            ns, port = self.ns(i), f"h{i}"
+            _run("ip", "netns", "add", ns)
+            _run("ip", "-n", ns, "link", "set", "lo", "up")
+            # Both ends are created directly inside their namespaces: never in the root one.
+            _run("ip", "link", "add", IFNAME, "netns", ns, "type", "veth",
+                 "peer", "name", port, "netns", self.bridge)  # fmt: skip
+            _run("ip", "-n", self.bridge, "link", "set", port, "master", "br0")
+            _run("ip", "-n", self.bridge, "link", "set", port, "up")
+            _run("ip", "-n", ns, "addr", "add", f"{self.addr(i)}/24", "dev", IFNAME)
+            _run("ip", "-n", ns, "link", "set", IFNAME, "up")
+        self.netem = netem_available(self.bridge)
+        reason = root_uses_subnet()
+        if reason:  # cannot happen through us; refuse anyway
+            raise RuntimeError(reason)
+        self.wait_reachable()
+
+    def wait_reachable(self, timeout: float = 10.0) -> None:
+        """Bridge ports take a moment to forward; every host must reach the server first."""
+        deadline = time.monotonic() + timeout
+        for i in range(1, self.hosts):
+            while True:
+                ping = _run("ip", "netns", "exec", self.ns(i), "ping", "-c", "1", "-W", "1",
+                            self.addr(0), check=False)  # fmt: skip
+                if ping.returncode == 0:
+                    break
+                if not shutil.which("ping"):
+                    return  # no ping: the workers' dial retries cover the wait
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.ns(i)} cannot reach {self.addr(0)}")
+                time.sleep(0.2)
+
+    def _ends(self) -> list[tuple[str, str]]:
+        """(namespace, device) of both ends of every host's cable."""
+        ends = []
+        for i in range(self.hosts):
+            ends += [(self.ns(i), IFNAME), (self.bridge, f"h{i}")]
+        return ends
+
+    def apply(self, profile: Profile) -> str:
+        """Shape every cable end with `profile`; returns how (printed with the table)."""
+        for ns, dev in self._ends():
+            _run("tc", "-n", ns, "qdisc", "del", "dev", dev, "root", check=False)
+        if profile.rate_mbit is None:
+            self.shaping = "none (veth default qdisc, no shaping, no delay)"
+            return self.shaping
+        rate = f"{profile.rate_mbit:g}mbit"
+        if self.netem:
+            delay_us = round(1000 * (profile.rtt_ms or 0) / 4)
+            spec = ["netem", "delay", f"{delay_us}us", "rate", rate, "limit", "10000"]
+            self.shaping = (
+                f"netem delay {delay_us}us rate {rate} on both ends of every host's veth "
+                f"(RTT ≈ {profile.rtt_ms} ms)"
+            )
+        else:
+            burst = profile.burst_bytes()
+            spec = ["tbf", "rate", rate, "burst", str(burst), "latency", f"{TBF_LATENCY_MS}ms"]
+            self.shaping = (
+                f"tbf rate {rate} burst {burst} latency {TBF_LATENCY_MS}ms on both ends of every "
+                "host's veth; rate only, NO added delay (this kernel has no sch_netem)"
+            )
+        for ns, dev in self._ends():
+            _run("tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", *spec)
+        return self.shaping
+
+    def qdisc_bytes(self) -> dict[str, int]:
+        """Bytes each cable end's root qdisc has sent: 'h<i> up' (host -> switch) and
+        'h<i> down' (switch -> host). Counts every byte on the wire, headers included."""
+        out: dict[str, int] = {}
+        for i in range(self.hosts):
+            for side, (ns, dev) in (("up", (self.ns(i), IFNAME)), ("down", (self.bridge, f"h{i}"))):
+                shown = _run("tc", "-s", "-j", "-n", ns, "qdisc", "show", "dev", dev).stdout
+                roots = [q for q in json.loads(shown or "[]") if q.get("root")]
+                out[f"h{i} {side}"] = int(roots[0]["bytes"]) if roots else 0
+        return out
+
+    def down(self) -> None:
+        if not self._up:
+            return
+        left = kill_and_delete(self.names())
+        self._up = bool(left)
+        if left:
+            raise RuntimeError(f"could not delete namespaces {left}; run: ip netns del <name>")
+
+
+@dataclass
+class LinkRun:
+    profile: str
+    shaping: str
+    rate_bytes_per_s: float
+    burst_bytes: int
+    result: RunResult
+    wire: dict[str, int] = field(default_factory=dict)  # qdisc bytes during the run
+    hosts: dict[str, int] = field(default_factory=dict)  # run's host name -> fabric index
+
+    def busiest(self) -> tuple[str, int]:
+        return max(self.wire.items(), key=lambda kv: kv[1]) if self.wire else ("-", 0)
+
+    def as_dict(self) -> dict[str, Any]:
+        link, nbytes = self.busiest()
+        return {
+            "profile": self.profile,
+            "shaping": self.shaping,
+            "rate_bytes_per_s": self.rate_bytes_per_s,
+            "burst_bytes": self.burst_bytes,
+            "wire_bytes": self.wire,
+            "hosts": self.hosts,
+            "busiest_link": link,
+            "busiest_link_bytes": nbytes,
+            **self.result.as_dict(),
+            "steps_events": self.result.steps_events,
+        }
+
+
+def placement(fabric: Fabric, n: int, gloo: bool) -> tuple[dict[str, Any], dict]:
+    """Keyword arguments for run_socket / run_gloo that put the run on the fabric, and the map
+    from the run's host names to fabric indexes.
+
+    Socket modes: the server (bench0) in h0 at 10.10.0.1, worker r (bench<r>) in h<r>, every
+    host dialling the server's address. gloo: rank r in h<r>, so rank 0 shares the server's
+    namespace and its address is MASTER_ADDR; GLOO_SOCKET_IFNAME is the veth.
+    """
+    if gloo:
+        hosts = {f"rank{r}": r for r in range(n)}
+        kw = {"master_addr": fabric.addr(0), "ifname": IFNAME}
+    else:
+        hosts = {f"bench{r}": r for r in range(n + 1)}
+        server = fabric.addr(0)
+        kw = {"extra": {"host_ip": dict.fromkeys(hosts, server), "bind_address": server}}
+    kw["launch"] = lambda host: fabric.launch(hosts[host])
+    return kw, hosts
+
+
+def run_profiles(
+    profiles: list[Profile],
+    workers: list[int],
+    steps: int,
+    modes: dict[str, Callable[..., RunResult]],
+    work: Path,
+    gloo_mode: str,
+    log: Callable[[str], None] = print,
+) -> list[LinkRun]:
+    """Every mode at every N under every profile, on one fabric built for the largest N."""
+    runs: list[LinkRun] = []
+    with Fabric(max(workers) + 1) as fabric:
+        log(f"  namespaces: {' '.join(fabric.names())} (netem: {fabric.netem})")
+        for profile in profiles:
+            shaping = fabric.apply(profile)
+            log(f"  profile {profile.label}: {shaping}")
+            for n in workers:
+                for mode, fn in modes.items():
+                    log(f"  running {mode} N={n} ({steps} steps) over {profile.label}")
+                    kw, hosts = placement(fabric, n, mode == gloo_mode)
+                    before = fabric.qdisc_bytes()
+                    out = work / "links" / profile.key / f"{mode.replace(' ', '-')}-{n}"
+                    result = fn(n, steps, out, **kw)
+                    after = fabric.qdisc_bytes()
+                    wire = {k: after[k] - before[k] for k in after if after[k] > before[k]}
+                    runs.append(
+                        LinkRun(
+                            profile=profile.key,
+                            shaping=shaping,
+                            rate_bytes_per_s=profile.rate_bytes_per_s,
+                            burst_bytes=profile.burst_bytes() if profile.rate_mbit else 0,
+                            result=result,
+                            wire=wire,
+                            hosts=hosts,
+                        )
+                    )
+    left = our_namespaces(fabric.tag)
+    if left:
+        raise RuntimeError(f"namespaces left after teardown: {left}")
+    return runs
+
+
+def busiest_payload(run: LinkRun) -> tuple[str, float]:
+    """The busiest link direction's payload bytes per step, from the trainers' own counters
+    (steady state, set-up excluded): the server's link carries every worker's bytes (N x a
+    worker's, both ways); in gloo's ring each rank's link carries what that rank sends."""
+    r = run.result
+    per_worker = max(r.sent_per_step, r.recv_per_step)
+    if run.hosts and all(h.startswith("rank") for h in run.hosts):
+        return "every rank's link", per_worker
+    return "server link", r.workers * per_worker
+
+
+def transfer_floor_ms(run: LinkRun) -> float:
+    """Busiest link's payload bytes per step ÷ the rate: the least time per step the link
+    allows (headers, and the tbf bucket's burst, ignored)."""
+    return 1e3 * busiest_payload(run)[1] / run.rate_bytes_per_s
