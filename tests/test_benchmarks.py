@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -134,3 +137,169 @@ def test_statistics_helpers() -> None:
     assert time_to_accuracy(steps, evals, 0.9) == (2, pytest.approx(1.2))
     assert time_to_accuracy(steps, evals, 0.99) is None
     assert table(["a", "bb"], [["1", "2"]]) == "| a | bb |\n|---|----|\n| 1 | 2  |"
+
+
+def links_unavailable() -> str | None:
+    """Why the --links mode cannot run here (root, ip, tc, ip netns), as tests/lab/test_lab.py:
+    a skip, except under SMOLCLUSTER_REQUIRE_LAB=1 (CI runs as root) where it fails."""
+    from benchmarks.links import unavailable_reason
+
+    reason = unavailable_reason()
+    if reason and os.environ.get("SMOLCLUSTER_REQUIRE_LAB") == "1":
+        pytest.fail(f"SMOLCLUSTER_REQUIRE_LAB=1 but {reason}")
+    return reason
+
+
+def bench_namespaces() -> list[str]:
+    from benchmarks.links import PREFIX, our_namespaces
+
+    return our_namespaces(PREFIX)
+
+
+@pytest.mark.slow
+@pytest.mark.lab
+def test_links_end_to_end(tmp_path: Path, offline_digits_root: Path) -> None:
+    """`--links wifi`: socket sync and gloo inside throwaway namespaces over 200 Mbit/s links.
+
+    Nothing here is timed against a threshold that load could break: the checks are byte
+    counts and a lower bound that only a link faster than its shaping could violate."""
+    reason = links_unavailable()
+    if reason:
+        pytest.skip(reason)
+    assert not bench_namespaces(), f"sclbench- namespaces exist already: {bench_namespaces()}"
+    out = tmp_path / "links.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.run",
+            "--links",
+            "wifi",
+            "--workers",
+            "2",
+            "--steps",
+            "8",
+            "--modes",
+            "sync fp32",
+            "gloo",
+            "--data-root",
+            str(offline_digits_root),
+            "--work-dir",
+            str(tmp_path / "work"),
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert bench_namespaces() == []
+    text = proc.stdout
+    assert "## Links: Wi-Fi 200mbit" in text, text
+    assert "namespaces with prefix sclbench- left: none" in text, text
+    for mode in ("sync fp32", "gloo DDP"):
+        assert re.search(rf"^\| {mode} +\| 2 +\|", text, re.MULTILINE), text
+
+    report = json.loads(out.read_text())
+    assert report["namespaces_left"] == []
+    rows = {r["mode"]: r for r in report["links"]}
+    assert set(rows) == {"sync fp32", "gloo DDP"}
+    rate = 200e6 / 8
+    for row in rows.values():
+        assert row["profile"] == "wifi" and row["workers"] == 2 and row["steps"] == 8
+        assert row["rate_bytes_per_s"] == rate
+        if report["netem"]:
+            assert row["shaping"].startswith("netem delay")
+        else:
+            assert (
+                row["shaping"].startswith("tbf rate 200mbit") and "NO added delay" in row["shaping"]
+            )
+    sync, gloo = rows["sync fp32"], rows["gloo DDP"]
+    grads = report["grad_bytes"]
+    # Every fp32 step moves the gradients plus ~100 B of framing each way; gloo's ring at N=2
+    # moves 1x the gradients per rank each way.
+    assert 1.0 <= sync["sent_ratio"] <= 1.01 and 1.0 <= sync["recv_ratio"] <= 1.01
+    assert 0.95 <= gloo["sent_ratio"] <= 1.1
+    # The traffic really crossed the shaped cables: the server's (h0) switch -> host end carried
+    # every worker's GRADS of every step, its host -> switch end every AVERAGE; gloo's ranks
+    # (h0, h1) each sent at least a gradient's worth per step. h2 is unused at N=2 except
+    # neighbour discovery.
+    wire = sync["wire_bytes"]
+    assert wire["h0 down"] >= 8 * 2 * sync["sent_per_step"], wire
+    assert wire["h0 up"] >= 8 * 2 * sync["recv_per_step"], wire
+    assert min(gloo["wire_bytes"][f"h{r} up"] for r in (0, 1)) >= 8 * grads, gloo["wire_bytes"]
+    # The rate holds (a lower bound: load can only make it slower). GRADS of steps s0+1..sL-1
+    # are sent after the server's step-s0 event (they answer averages sent later) and have all
+    # crossed the server's shaped link before its step-sL event: N*B bytes per step at 25 MB/s.
+    steps = sync["steps_events"]
+    first, last = steps[1], steps[-1]
+    crossed = (last["step"] - first["step"] - 1) * 2 * sync["sent_per_step"]
+    floor_s = (crossed - sync["burst_bytes"]) / rate
+    assert last["wall"] - first["wall"] >= floor_s > 0.3, (last["wall"] - first["wall"], floor_s)
+    assert sync["step_ms_median"] > 0 and gloo["step_ms_median"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.lab
+def test_links_sigterm_tears_down(tmp_path: Path, offline_digits_root: Path) -> None:
+    """SIGTERM in the middle of a run: every process in our namespaces dies, every namespace
+    goes, and the exit status says it was stopped."""
+    reason = links_unavailable()
+    if reason:
+        pytest.skip(reason)
+    from benchmarks.links import our_namespaces
+
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.run",
+            "--links",
+            "wifi",
+            "--workers",
+            "2",
+            "--steps",
+            "100000",
+            "--modes",
+            "sync fp32",
+            "--data-root",
+            str(offline_digits_root),
+            "--work-dir",
+            str(tmp_path / "work"),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    tag = f"sclbench-{proc.pid}-"
+    try:
+        deadline = time.monotonic() + 120
+        server = f"{tag}h0"
+        while True:  # until the server process runs inside its namespace
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            names = our_namespaces(tag)
+            if server in names:
+                pids = subprocess.run(
+                    ["ip", "netns", "pids", server], capture_output=True, text=True, check=False
+                ).stdout.split()
+                if pids:
+                    break
+            assert time.monotonic() < deadline, "the run never started its server"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert our_namespaces(tag) == [], output[-3000:]
+    for pid in pids:
+        assert (
+            not Path(f"/proc/{pid}").exists()
+            or b"zombie" in Path(f"/proc/{pid}/status").read_bytes().lower()
+        ), f"process {pid} of {server} survived"
