@@ -371,7 +371,7 @@ def link_wire_table(runs: list[links.LinkRun]) -> str:
                 _fmt(floor, ".1f"),
                 _fmt(r.step_ms_median),
                 _fmt(r.step_ms_median / floor if floor else None, ".2f"),
-                f"{wire / 1e6:,.1f} ({end})",
+                f"{wire / 1e6:,.1f} ({end})" if wire else "- (no shaper)",
             ]
         )
     return table(
