@@ -31,7 +31,14 @@ from tqdm import tqdm
 from smolcluster import quantize
 from smolcluster.metrics import Metrics
 from smolcluster.plan import Plan
-from smolcluster.protocol import FLAG_INT8, Connection, Frame, MsgType, ProtocolError
+from smolcluster.protocol import (
+    FLAG_INT8,
+    Connection,
+    Frame,
+    MsgType,
+    PeerClosed,
+    ProtocolError,
+)
 from smolcluster.replica import Replica
 
 if TYPE_CHECKING:
@@ -234,8 +241,8 @@ class ElasticSession:
         while not self.stop.wait(self.cfg.heartbeat_interval_s):
             try:
                 self.conn.send(MsgType.HEARTBEAT)
-            except OSError:
-                return
+            except PeerClosed:
+                return  # the main loop finds the broken connection on its next send or read
 
     def run(self, metrics: Metrics) -> bool:
         """Train until the server says DONE (True) or the connection breaks (raises)."""

@@ -162,7 +162,14 @@ class Connection:
     def _sendmsg(self, parts: list[bytes | memoryview]) -> None:
         views = [memoryview(p).cast("B") for p in parts if len(p)]
         while views:
-            sent = self.sock.sendmsg(views)
+            # Like a failed read, a failed write means the peer or the path is gone: callers
+            # handle one exception for both directions.
+            try:
+                sent = self.sock.sendmsg(views)
+            except TimeoutError:
+                raise PeerTimeout("timed out sending") from None
+            except OSError as exc:
+                raise PeerClosed(f"connection lost: {exc.strerror or exc}") from None
             self.bytes_sent += sent
             while views and sent >= views[0].nbytes:
                 sent -= views[0].nbytes

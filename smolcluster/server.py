@@ -33,6 +33,7 @@ from smolcluster.protocol import (
     Connection,
     Frame,
     MsgType,
+    PeerClosed,
     ProtocolError,
     payload_digest,
     read_secret,
@@ -186,7 +187,7 @@ class Server:
                 group.remove(peer)
                 (log.error if error else log.warning)("dropped %s: %s", peer.name, reason)
         if error:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(PeerClosed):
                 peer.conn.send(MsgType.ERROR, {"reason": reason})
         peer.conn.close()
 
@@ -202,7 +203,7 @@ class Server:
         try:
             peer.conn.send(mtype, meta, payload, flags, digest)
             return True
-        except OSError as exc:
+        except PeerClosed as exc:
             self.drop(peer, f"send failed: {exc}")
             return False
 

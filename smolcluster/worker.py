@@ -125,9 +125,7 @@ class Worker:
                 conn = self.connect()
                 try:
                     finished = self._session(conn, plan, loader, replica, metrics)
-                # A send into a broken path fails with the socket's own error (reset, broken
-                # pipe, send timeout), not PeerClosed: e.g. a push blocked while a cable is out.
-                except (PeerClosed, ConnectionError, TimeoutError) as exc:
+                except PeerClosed as exc:  # a failed read or write, timeouts included
                     log.warning("lost the server (%s); reconnecting", exc)
                     continue
                 finally:
