@@ -138,6 +138,8 @@ class DatasetConfig(_Strict):
 class NNConfig(_Strict):
     batch_size: int = Field(ge=1)
     learning_rate: float = Field(gt=0)
+    # cosine: decays to 0 over the run, following the global step (sync) or progress (elastic).
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     num_epochs: int = Field(ge=1)
     eval_steps: int = Field(default=200, ge=1)
     track_gradients: bool = False

@@ -123,6 +123,7 @@ class ElasticLoop:
                 "push_interval": push_interval(self.cfg),
                 "numel": self.replica.numel,
                 "total_steps": self.plan.total_steps,
+                "progress": self.progress,
             }
             if server.send_to(peer, MsgType.START, meta, self.replica.params.numpy()):
                 server.pending.remove(peer)
@@ -132,6 +133,11 @@ class ElasticLoop:
                 if self.cfg.use_quantization:
                     self.mirrors[peer] = self.replica.params.clone()
                 log.info("%s starts at version %d", peer.name, server.step)
+
+    @property
+    def progress(self) -> float:
+        """How far the run is (samples merged / budget): the workers' lr schedule follows it."""
+        return round(min(1.0, self.server.samples_merged / self.budget), 6)
 
     def _evict_silent(self) -> None:
         now = time.monotonic()
@@ -187,7 +193,7 @@ class ElasticLoop:
         self.replica.params.sub_(self.delta, alpha=lr)
 
     def _reply(self, peer: Peer, pull: bool) -> None:
-        meta = {"version": self.server.step, "weights": pull}
+        meta = {"version": self.server.step, "weights": pull, "progress": self.progress}
         if not pull:
             self.server.send_to(peer, MsgType.WEIGHTS, meta)
         elif self.cfg.use_quantization:
@@ -212,6 +218,13 @@ def _decode_into(frame: Frame, out: torch.Tensor) -> None:
         out.copy_(torch.frombuffer(frame.payload, dtype=torch.float32))
 
 
+def _progress(meta: dict, default: float = 0.0) -> float:
+    value = meta.get("progress", default)
+    if not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise ProtocolError(f"bad progress {value!r}")
+    return float(value)
+
+
 class ElasticSession:
     """The worker side over one connection: local steps, pushes, pulls, heartbeats."""
 
@@ -229,6 +242,7 @@ class ElasticSession:
         self.throttle_s, self.counters = throttle_s, counters
         self.k = start.meta["push_interval"]
         self.version = start.meta["version"]
+        self.progress = _progress(start.meta)
         _decode_into(start, replica.params)
         self.anchor = replica.params.clone()  # where the current delta is measured from
         self.mirror = replica.params.clone()  # the global weights as we last received them
@@ -261,7 +275,7 @@ class ElasticSession:
             local_step = self.counters.steps
             x, y = self.loader.batch(*divmod(local_step, per_epoch))
             losses += self.replica.compute_gradients(x, y)
-            self.replica.step()
+            self.replica.step(self.progress)
             self.counters.steps += 1
             self.counters.samples += len(y)
             samples += len(y)
@@ -311,6 +325,7 @@ class ElasticSession:
                 _decode_into(reply, self.mirror)
             self.replica.params.copy_(self.mirror)
             self.version = reply.meta["version"]
+        self.progress = _progress(reply.meta, self.progress)
         self.anchor.copy_(self.replica.params)
         return False
 

@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from smolcluster.metrics import Metrics, run_name, setup_logging, wandb_mode
 from smolcluster.model import build_model
+from smolcluster.replica import scheduled_lr
 
 log = logging.getLogger("smolcluster.gloo")
 
@@ -56,6 +57,7 @@ class GlooRun:
     timeout_s: float = 300.0
     track_gradients: bool = False
     wandb_mode: str = "disabled"
+    lr_schedule: str = "constant"
 
     @property
     def host(self) -> str:
@@ -89,6 +91,7 @@ def run_from_settings(settings: Any, role: str, rank: int, host: str) -> int:
         timeout_s=max(cluster.join_timeout_s, cluster.step_timeout_s),
         track_gradients=nncfg.track_gradients,
         wandb_mode=cluster.wandb_mode,
+        lr_schedule=nncfg.lr_schedule,
     )
     return run_gloo(run)
 
@@ -328,6 +331,8 @@ def _train_loop(run: GlooRun, role: str, data: Any, metrics: Metrics) -> int:
             optimizer.zero_grad(set_to_none=False)
             loss = loss_fn(ddp(xb), yb)
             loss.backward()  # DDP all-reduces (averages) the gradients before this returns
+            for group in optimizer.param_groups:
+                group["lr"] = scheduled_lr(run.lr, run.lr_schedule, step / total)
             optimizer.step()
             step_s = time.perf_counter() - t0
             step += 1

@@ -29,7 +29,7 @@ def train_local(settings: Settings, host: str = "local") -> tuple[Replica, float
         shard_loader(settings, x, y, rank)
         for rank in range(first_rank, first_rank + shard_count(settings))
     ]
-    replica = Replica.build(nn_cfg.model, nn_cfg.learning_rate, cfg.seed)
+    replica = Replica.build(nn_cfg.model, nn_cfg.learning_rate, cfg.seed, nn_cfg.lr_schedule)
     metrics = Metrics(
         settings.metrics_dir,
         host,
@@ -59,7 +59,7 @@ def train_local(settings: Settings, host: str = "local") -> tuple[Replica, float
             parts.append((len(yb), replica.grads.clone()))
         samples = replica.average_into_grads(parts)
         loss = loss_sum / samples
-        replica.step()
+        replica.step(step / plan.total_steps)
         metrics.write("step", step=step + 1, epoch=epoch, loss=loss, samples=samples)
         if (step + 1) % nn_cfg.eval_steps == 0 or step + 1 == plan.total_steps:
             val_loss, accuracy = evaluate(replica.model, x_test, y_test)

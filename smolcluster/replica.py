@@ -8,6 +8,7 @@ the whole optimizer state fits in three tensors for joiners and checkpoints.
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 
 import torch
@@ -16,9 +17,23 @@ from torch import nn
 from smolcluster.model import build_model
 
 
+def scheduled_lr(base: float, schedule: str, progress: float) -> float:
+    """The learning rate at `progress` (0 at the start of the run, 1 at its end).
+
+    cosine decays to 0 by the end: the final weights then settle instead of moving by a full
+    step's noise, which is what makes two runs (or a run and its interrupted twin) comparable.
+    """
+    if schedule == "constant":
+        return base
+    if schedule == "cosine":
+        return base * 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+    raise ValueError(f"unknown lr_schedule {schedule!r}")
+
+
 class Replica:
-    def __init__(self, model: nn.Module, lr: float) -> None:
+    def __init__(self, model: nn.Module, lr: float, schedule: str = "constant") -> None:
         self.model = model
+        self.base_lr, self.schedule = lr, schedule
         params = [p for p in model.parameters() if p.requires_grad]
         self.names = [name for name, p in model.named_parameters() if p.requires_grad]
         self.numel = sum(p.numel() for p in params)
@@ -43,11 +58,11 @@ class Replica:
         state["exp_avg_sq"] = torch.zeros_like(self.params)
 
     @classmethod
-    def build(cls, model_cfg, lr: float, seed: int) -> Replica:
+    def build(cls, model_cfg, lr: float, seed: int, schedule: str = "constant") -> Replica:
         model = build_model(
             model_cfg.type, model_cfg.input_dim, model_cfg.hidden, model_cfg.out, seed
         )
-        return cls(model, lr)
+        return cls(model, lr, schedule)
 
     @property
     def nbytes(self) -> int:
@@ -60,8 +75,12 @@ class Replica:
         loss.backward()
         return float(loss.detach())
 
-    def step(self) -> None:
-        """Apply self.grads (local, or an average written into it) with Adam."""
+    def step(self, progress: float = 0.0) -> None:
+        """Apply self.grads (local, or an average written into it) with Adam, at the learning
+        rate the schedule gives for `progress` (0..1 through the run)."""
+        lr = scheduled_lr(self.base_lr, self.schedule, progress)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         self.optimizer.step()
 
     # -- state that must be identical on every replica ------------------------------------------

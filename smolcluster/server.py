@@ -214,7 +214,7 @@ class Server:
         x_train, y_train = load_train(settings)
         plan = make_plan(settings, len(x_train))
         own = shard_loader(settings, x_train, y_train, 0) if cfg.server_trains else None
-        replica = Replica.build(nn_cfg.model, nn_cfg.learning_rate, cfg.seed)
+        replica = Replica.build(nn_cfg.model, nn_cfg.learning_rate, cfg.seed, nn_cfg.lr_schedule)
         if resume:
             self._resume(replica)
         name = run_name(
@@ -453,7 +453,7 @@ class Server:
                     meta["cursor"], meta["batch"] = self.assignment[peer]
                 self.send_to(peer, MsgType.AVERAGE, meta, payload, flags, digest)
             grad_norms = replica.grad_norms() if nn_cfg.track_gradients else None
-            replica.step()
+            replica.step(step / plan.total_steps)
             self.step += 1
             self.samples_merged += samples
             progress.update(1)

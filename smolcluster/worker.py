@@ -92,7 +92,9 @@ class Worker:
         x, y = load_train(settings)
         plan = make_plan(settings, len(x))
         loader = shard_loader(settings, x, y, self.rank)
-        replica = Replica.build(nn_cfg.model, nn_cfg.learning_rate, self.cfg.seed)
+        replica = Replica.build(
+            nn_cfg.model, nn_cfg.learning_rate, self.cfg.seed, nn_cfg.lr_schedule
+        )
         metrics = Metrics(
             settings.metrics_dir,
             self.host,
@@ -182,7 +184,7 @@ class Worker:
                     )
                 if frame.flags & FLAG_INT8:
                     quantize.decode(self._int8_buffer, replica.numel, out=replica.grads)
-                replica.step()
+                replica.step(step / plan.total_steps)
                 step += 1
                 self._assigned = _assignment(frame.meta)
                 if frame.meta.get("last"):

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.ansible_helpers import BIN, free_port, playbook, recap, scratch_checkout, show
 
@@ -70,10 +71,13 @@ def test_site_check_mode_succeeds(cluster) -> None:
 def test_train_one_epoch_reports_accuracy(cluster) -> None:
     result = playbook(
         cluster["work"], "train.yml", "-e", "epochs=1", "-e", "max_steps=20",
-        "-e", "trainer_poll_interval_s=2", *cluster["extra"],
+        "-e", "lr_schedule=cosine", "-e", "trainer_poll_interval_s=2", *cluster["extra"],
     )  # fmt: skip
     assert result.returncode == 0, show(result)
     assert "accuracy 0." in result.stdout, show(result)
+    for host in HOSTS:  # the -e override reached every host's config
+        rendered = cluster["work"] / ".local-cluster" / host / "config" / "nn_config.yaml"
+        assert yaml.safe_load(rendered.read_text())["lr_schedule"] == "cosine"
     runs = sorted((cluster["work"] / "runs").iterdir())
     assert len(runs) == 1
     run = runs[0]

@@ -63,6 +63,7 @@ NN_CASES = {
     "nested typo": ({**NN, "model": {**NN["model"], "hiden": 64}}, "model.hiden", "unknown key"),
     "unknown model": ({**NN, "model": {**NN["model"], "type": "ResNet"}}, "model.type", "SimpleNN"),
     "float epochs": ({**NN, "num_epochs": 1.5}, "num_epochs", "valid integer"),
+    "unknown schedule": ({**NN, "lr_schedule": "step"}, "lr_schedule", "cosine"),
 }
 
 

@@ -20,9 +20,13 @@ def _baseline(cluster: LocalCluster, *extra: str) -> dict:
 
 
 def test_sync_matches_one_process_baseline(tmp_path: Path, offline_digits_root: Path) -> None:
-    """3 workers at batch b end with the weights of one process stepping on the 3b batches."""
+    """3 workers at batch b end with the weights of one process stepping on the 3b batches,
+    the learning rate following the same cosine schedule everywhere."""
     cluster = LocalCluster(
-        tmp_path, offline_digits_root, workers=3, nn={"max_steps": 50, "eval_steps": 50}
+        tmp_path,
+        offline_digits_root,
+        workers=3,
+        nn={"max_steps": 50, "eval_steps": 50, "lr_schedule": "cosine"},
     )
     cluster.start()
     codes = cluster.wait()

@@ -1,0 +1,40 @@
+"""The flat-buffer replica: learning-rate schedule and optimizer step."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from smolcluster.config import ModelConfig
+from smolcluster.replica import Replica, scheduled_lr
+
+
+def test_cosine_starts_at_the_base_rate_and_ends_at_zero() -> None:
+    assert scheduled_lr(0.01, "cosine", 0.0) == pytest.approx(0.01)
+    assert scheduled_lr(0.01, "cosine", 0.5) == pytest.approx(0.005)
+    assert scheduled_lr(0.01, "cosine", 1.0) == pytest.approx(0.0, abs=1e-12)
+    assert scheduled_lr(0.01, "cosine", 0.25) == pytest.approx(0.005 * (1 + math.cos(math.pi / 4)))
+    assert scheduled_lr(0.01, "constant", 0.9) == 0.01
+    with pytest.raises(ValueError, match="lr_schedule"):
+        scheduled_lr(0.01, "linear", 0.5)
+
+
+def _stepped(schedule: str, progress: float) -> float:
+    """How far one Adam step at `progress` moves the weights."""
+    replica = Replica.build(ModelConfig(), 0.01, seed=1, schedule=schedule)
+    before = replica.params.clone()
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.rand(16, 784, generator=gen), torch.randint(0, 10, (16,), generator=gen)
+    replica.compute_gradients(x, y)
+    replica.step(progress)
+    return float((replica.params - before).abs().max())
+
+
+def test_the_optimizer_step_follows_the_schedule() -> None:
+    # Adam's first step moves each weight by about lr, whatever the gradient's scale.
+    assert _stepped("cosine", 0.0) == pytest.approx(0.01, rel=0.01)
+    assert _stepped("cosine", 0.5) == pytest.approx(0.005, rel=0.01)
+    assert _stepped("cosine", 1.0) == 0.0
+    assert _stepped("constant", 1.0) == pytest.approx(0.01, rel=0.01)
