@@ -69,6 +69,9 @@ class ClusterConfig(_Strict):
     wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto"
     # sync: "auto" sizes each worker's batch by its measured throughput (docs/algorithms.md).
     balance: Literal["off", "auto"] = "off"
+    # sync (balance off): survivors also compute the batches of absent workers' shards, so every
+    # step keeps the configured global batch and sample stream (docs/algorithms.md).
+    cover_absent: bool = True
     # Debug: host -> seconds to sleep per step of batch_size samples (scaled by the samples a
     # balanced sync step assigns), to emulate a slow machine.
     throttle_s: dict[str, float] = Field(default_factory=dict)

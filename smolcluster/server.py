@@ -104,6 +104,10 @@ class Server:
         if self.cfg.balance == "auto":
             self.balancer = Balancer(settings.nn.batch_size)
         self.assignment: dict[Peer, tuple[int, int]] = {}
+        # cover_absent (sync, balance off): rank -> the absent workers' ranks whose batches it
+        # computes besides its own in the step it computes next, as sent with AVERAGE/START.
+        self.covering = self.cfg.mode == "sync" and self.cfg.cover_absent and self.balancer is None
+        self.cover: dict[int, list[int]] = {}
 
     # -- connections ---------------------------------------------------------------------------
     def listen(self) -> None:
@@ -381,8 +385,13 @@ class Server:
     def _admit_pending(self, step: int, replica: Replica, plan: Plan) -> None:
         if not self.pending:
             return
+        if self.covering and not self.cover:
+            self._cover_next()  # first step, or after a step nobody answered
+        # A joiner whose batch a survivor was already told to compute waits one step, so no
+        # batch counts twice; it was pending when the next cover was made, so then it goes.
+        covered = {r for peer in self.active for r in self.cover.get(peer.rank, [])}
         state = replica.state_buffer()
-        for peer in list(self.pending):
+        for peer in [p for p in self.pending if p.rank not in covered]:
             meta = {
                 "step": step,
                 "total_steps": plan.total_steps,
@@ -396,6 +405,8 @@ class Server:
                     cursor = self.balancer.cursor(peer.host, step)
                     self.assignment[peer] = (cursor, self.settings.nn.batch_size)
                 meta["cursor"], meta["batch"] = self.assignment[peer]
+            if self.cover.get(peer.rank):
+                meta["cover"] = self.cover[peer.rank]
             if self.send_to(peer, MsgType.START, meta, state.numpy()):
                 self.pending.remove(peer)
                 self.active.append(peer)
@@ -434,6 +445,7 @@ class Server:
                     if peer.compute_s is not None:
                         self.balancer.observe(peer.host, n, peer.compute_s)
             if not parts:
+                self.cover = {}
                 if not self.active and not self.pending:
                     self._wait_for_rejoin()
                 continue  # nobody answered: run this step again with whoever is there
@@ -446,11 +458,15 @@ class Server:
             last = step + 1 == plan.total_steps
             if self.balancer is not None and not last:
                 self._split_next(step + 1)
+            if self.covering:
+                self._cover_next()
             digest = payload_digest(payload)  # one pass over the average for all N frames
             for peer in answered:
                 meta = {"step": step, "last": last}
                 if peer in self.assignment:
                     meta["cursor"], meta["batch"] = self.assignment[peer]
+                if self.cover.get(peer.rank):
+                    meta["cover"] = self.cover[peer.rank]
                 self.send_to(peer, MsgType.AVERAGE, meta, payload, flags, digest)
             grad_norms = replica.grad_norms() if nn_cfg.track_gradients else None
             replica.step(step / plan.total_steps)
@@ -486,6 +502,16 @@ class Server:
             peer: (self.balancer.cursor(peer.host, step), n)
             for peer, n in zip(peers, sizes, strict=True)
         }
+
+    def _cover_next(self) -> None:
+        """cover_absent: deal the absent workers' ranks round-robin to the present ones (active
+        and pending joiners, by rank), so the next step draws every shard's batch as planned."""
+        present = sorted({p.rank for p in self.active + self.pending})
+        absent = [r for r in range(1, self.cfg.num_workers + 1) if r not in present]
+        self.cover = {}
+        if present:
+            for j, rank in enumerate(absent):
+                self.cover.setdefault(present[j % len(present)], []).append(rank)
 
     def _collect(self, step: int, replica: Replica) -> dict[Peer, tuple[int, float, torch.Tensor]]:
         """Gradients of this step from every active worker; drop who misses the deadline.
@@ -529,6 +555,8 @@ class Server:
             raise ProtocolError("gradients without a valid sample count and loss")
         if self.balancer is not None and n != self.assignment.get(peer, (0, n))[1]:
             raise ProtocolError(f"gradients of {n} samples, assigned {self.assignment[peer][1]}")
+        if self.covering and n != (assigned := self._covered_samples(peer)):
+            raise ProtocolError(f"gradients of {n} samples, assigned {assigned}")
         compute_s = meta.get("compute_s")
         valid = isinstance(compute_s, int | float) and 0 <= compute_s < float("inf")
         peer.compute_s = float(compute_s) if valid else None
@@ -555,6 +583,9 @@ class Server:
         if not torch.isfinite(grads.sum()):  # any NaN/inf makes the sum non-finite; 30x cheaper
             raise ProtocolError("non-finite gradients")
         return n, float(loss), grads
+
+    def _covered_samples(self, peer: Peer) -> int:
+        return self.settings.nn.batch_size * (1 + len(self.cover.get(peer.rank, [])))
 
     def _per_host(self) -> dict[str, dict[str, float]]:
         """What each worker host did, summed over its connections (rejoins included)."""

@@ -16,6 +16,7 @@ import torch
 
 from smolcluster import quantize
 from smolcluster.config import Settings
+from smolcluster.data import ShardLoader
 from smolcluster.metrics import Metrics, run_name
 from smolcluster.plan import load_train, make_plan, shard_loader
 from smolcluster.protocol import (
@@ -53,6 +54,9 @@ class Worker:
         # balance: auto: (cursor, samples) the server assigned for the next step; None means
         # the plain batch of the step (ShardLoader.batch).
         self._assigned: tuple[int, int] | None = None
+        # cover_absent: ranks of absent workers whose plain batches this worker computes too.
+        self._cover: list[int] = []
+        self._loaders: dict[int, ShardLoader] = {}
 
     def connect(self) -> Connection:
         """Dial with exponential backoff capped at connect_backoff_s, connect_retries times."""
@@ -92,6 +96,7 @@ class Worker:
         x, y = load_train(settings)
         plan = make_plan(settings, len(x))
         loader = shard_loader(settings, x, y, self.rank)
+        self._train_set = (x, y)
         replica = Replica.build(
             nn_cfg.model, nn_cfg.learning_rate, self.cfg.seed, nn_cfg.lr_schedule
         )
@@ -176,6 +181,7 @@ class Worker:
                 state = torch.frombuffer(frame.payload, dtype=torch.float32)
                 replica.load_state_buffer(state, frame.meta["optimizer_step"])
                 self._assigned = _assignment(frame.meta)
+                self._cover = self._cover_of(frame.meta)
                 log.info("synchronized at step %d of %d", step, frame.meta["total_steps"])
             elif frame.type == MsgType.AVERAGE:
                 if frame.meta.get("step") != step:
@@ -187,6 +193,7 @@ class Worker:
                 replica.step(step / plan.total_steps)
                 step += 1
                 self._assigned = _assignment(frame.meta)
+                self._cover = self._cover_of(frame.meta)
                 if frame.meta.get("last"):
                     continue  # DONE follows
             elif frame.type == MsgType.DONE:
@@ -200,6 +207,21 @@ class Worker:
             else:
                 raise ProtocolError(f"unexpected {frame.type.name}")
             self._send_gradients(conn, step, plan, loader, replica, metrics)
+
+    def _cover_of(self, meta: dict) -> list[int]:
+        ranks = meta.get("cover", [])
+        valid = range(1, self.cfg.num_workers + 1)
+        if not isinstance(ranks, list) or any(
+            not isinstance(r, int) or r not in valid or r == self.rank for r in ranks
+        ):
+            raise ProtocolError(f"bad cover list {ranks!r}")
+        return ranks
+
+    def _loader(self, rank: int) -> ShardLoader:
+        """The plain-batch loader of another worker's shard (every host holds the whole set)."""
+        if rank not in self._loaders:
+            self._loaders[rank] = shard_loader(self.settings, *self._train_set, rank)
+        return self._loaders[rank]
 
     def _average_target(self, replica: Replica) -> memoryview:
         # The average lands straight in the gradient buffer (fp32) or the int8 staging buffer.
@@ -224,6 +246,12 @@ class Worker:
             x, y = loader.take(*self._assigned)
         else:
             x, y = loader.batch(epoch, i)
+        if self._cover:
+            # One forward/backward over all the batches: the mean gradient of the lot, which
+            # the server weights by the sample count like anyone else's.
+            extra = [self._loader(rank).batch(epoch, i) for rank in self._cover]
+            x = torch.cat([x, *(b[0] for b in extra)])
+            y = torch.cat([y, *(b[1] for b in extra)])
         meta["samples"] = len(y)
         meta["loss"] = replica.compute_gradients(x, y)
         if self.throttle_s:

@@ -36,7 +36,7 @@ def test_sync_run_survives_a_killed_worker(tmp_path: Path, offline_digits_root: 
         offline_digits_root,
         workers=3,
         cluster={"step_timeout_s": 30.0},
-        nn={"num_epochs": 2},
+        nn={"num_epochs": 2, "lr_schedule": "cosine"},
     )
     cluster.start()
     total = 2 * (9000 // 3 // 32)
@@ -46,12 +46,15 @@ def test_sync_run_survives_a_killed_worker(tmp_path: Path, offline_digits_root: 
     assert codes["mini1"] == 0 and codes["mini2"] == 0 and codes["pi5"] == 0, cluster.logs()
     summary = cluster.summary()
     assert summary["steps"] == total
-    assert cluster.events("mini1", "step")[-1]["workers"] == 2
     assert "dropped mini3(rank 2)" in cluster.log("mini1")
-    # Issue 4 asks for 1 point; measured runs end 1.8 below to 0.6 above the uninterrupted run
-    # depending on the kill step (docs/algorithms.md, "Guarantees"), so 1 point would fail about
-    # half the time. 2 points still catches a drop path that loses the run's progress.
-    assert abs(summary["final_accuracy"] - baseline_accuracy(cluster)) <= 0.02
+    # After the drop two workers answer, and mini2 (first survivor) also computes mini3's
+    # batch, so every step keeps the planned 3 x 32 samples from the planned shards.
+    last = cluster.events("mini1", "step")[-1]
+    assert last["workers"] == 2
+    assert last["batch_sizes"] == {"mini2": 64, "pi5": 32}
+    # Only the step mini3 died in lacks its batch; with the cosine schedule the final weights
+    # settle, so the run ends where the uninterrupted one does (replays: within 0.3 point).
+    assert abs(summary["final_accuracy"] - baseline_accuracy(cluster)) <= 0.01
 
 
 def test_elastic_run_survives_a_killed_worker_and_counts_a_joiner(
