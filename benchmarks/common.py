@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-LOOPBACK = "127.0.0.1"  # the network rule: benchmarks never leave loopback
+LOOPBACK = "127.0.0.1"  # the network rule: loopback, or only namespaces of our own (links.py)
 
 
 def default_data_root() -> Path:
