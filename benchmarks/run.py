@@ -452,9 +452,13 @@ def main_links(a: argparse.Namespace, info: dict[str, str], dataset: str) -> int
 
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
-    if a.links:
-        why = links.unavailable_reason()
-        if why:  # before the data and torch: refuse at once
+    if a.links:  # before the data and torch: refuse at once
+        try:
+            links.choose_profiles(a.links)
+            why = links.unavailable_reason()
+        except ValueError as e:
+            why = str(e)
+        if why:
             print(f"benchmarks.run: error: {why}", file=sys.stderr)
             return 2
     notes: list[str] = []

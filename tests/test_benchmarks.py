@@ -303,3 +303,20 @@ def test_links_sigterm_tears_down(tmp_path: Path, offline_digits_root: Path) -> 
             not Path(f"/proc/{pid}").exists()
             or b"zombie" in Path(f"/proc/{pid}/status").read_bytes().lower()
         ), f"process {pid} of {server} survived"
+
+
+def test_links_refuses_clearly(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not root, or an unknown profile: exit status 2 and one line saying why, before any
+    namespace, data or torch."""
+    from benchmarks import links, run
+
+    assert run.main(["--links", "gbe", "nosuch"]) == 2
+    assert "unknown link profile(s) ['nosuch']" in capsys.readouterr().err
+    monkeypatch.setattr(links.os, "geteuid", lambda: 1000)
+    assert run.main(["--links", "all"]) == 2
+    assert "--links needs root" in capsys.readouterr().err
+    assert [p.key for p in links.choose_profiles(["all"])] == ["veth", "tb", "gbe", "wifi"]
+    assert links.PROFILES["gbe"].burst_bytes() == 117_500  # 1 ms at 940 Mbit/s
+    assert links.PROFILES["wifi"].burst_bytes() == 64 * 1024  # the 64 KiB minimum
