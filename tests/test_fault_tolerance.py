@@ -57,6 +57,53 @@ def test_sync_run_survives_a_killed_worker(tmp_path: Path, offline_digits_root: 
     assert abs(summary["final_accuracy"] - baseline_accuracy(cluster)) <= 0.01
 
 
+def test_elastic_run_loses_nothing_to_a_killed_worker(
+    tmp_path: Path, offline_digits_root: Path
+) -> None:
+    """3 elastic workers, one SIGKILLed at 40 % of the sample budget, against the same run
+    uninterrupted: the survivors make up the budget and the accuracy is not worse."""
+
+    def elastic_run(name: str) -> LocalCluster:
+        return LocalCluster(
+            tmp_path / name,
+            offline_digits_root,
+            workers=3,
+            cluster={
+                "mode": "elastic",
+                "worker_update_interval": 10,
+                "heartbeat_interval_s": 0.5,
+                "heartbeat_timeout_s": 30.0,
+            },
+            nn={"num_epochs": 2, "lr_schedule": "cosine"},
+        )
+
+    whole = elastic_run("uninterrupted")
+    whole.start()
+    assert set(whole.wait().values()) == {0}, whole.logs()
+    budget = 2 * (9000 // 3 // 32) * 3 * 32
+
+    cluster = elastic_run("killed")
+    cluster.start()
+    deadline = time.monotonic() + 600
+    metrics = cluster.metrics_dir / "mini1.jsonl"
+    while not (
+        metrics.exists()
+        and any(e["samples"] >= 0.4 * budget for e in cluster.events("mini1", "step"))
+    ):
+        assert time.monotonic() < deadline and cluster.procs["mini1"].poll() is None, cluster.logs()
+        time.sleep(0.2)
+    cluster.procs["mini3"].send_signal(signal.SIGKILL)
+    codes = cluster.wait()
+    assert codes["mini1"] == codes["mini2"] == codes["pi5"] == 0, cluster.logs()
+    summary = cluster.summary()
+    assert "dropped mini3(rank 2)" in cluster.log("mini1")
+    assert summary["samples"] >= budget
+    # Measured (docs/algorithms.md): killed runs end 0.5-1.4 points *above* uninterrupted ones
+    # (0.918, 0.922 vs 0.908, 0.913): two workers' pushes are staler by less. Elastic runs are
+    # not bit-reproducible, so the check is one-sided: the death costs at most 1 point.
+    assert summary["final_accuracy"] >= whole.summary()["final_accuracy"] - 0.01, summary
+
+
 def test_elastic_run_survives_a_killed_worker_and_counts_a_joiner(
     tmp_path: Path, offline_digits_root: Path
 ) -> None:
