@@ -18,7 +18,7 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -63,6 +63,18 @@ class PeerClosed(ProtocolError):
 
 class PeerTimeout(PeerClosed):
     """Nothing arrived within the socket's timeout: the peer or the path to it is gone."""
+
+
+@contextlib.contextmanager
+def _peer_lost(doing: str) -> Iterator[None]:
+    """A socket error while reading or writing means the peer or the path is gone: callers
+    handle PeerClosed (PeerTimeout for a timeout) for both directions."""
+    try:
+        yield
+    except TimeoutError:
+        raise PeerTimeout(f"timed out {doing}") from None
+    except OSError as exc:
+        raise PeerClosed(f"connection lost: {exc.strerror or exc}") from None
 
 
 @dataclass
@@ -161,21 +173,15 @@ class Connection:
 
     def _sendmsg(self, parts: list[bytes | memoryview]) -> None:
         views = [memoryview(p).cast("B") for p in parts if len(p)]
-        while views:
-            # Like a failed read, a failed write means the peer or the path is gone: callers
-            # handle one exception for both directions.
-            try:
+        with _peer_lost("sending"):
+            while views:
                 sent = self.sock.sendmsg(views)
-            except TimeoutError:
-                raise PeerTimeout("timed out sending") from None
-            except OSError as exc:
-                raise PeerClosed(f"connection lost: {exc.strerror or exc}") from None
-            self.bytes_sent += sent
-            while views and sent >= views[0].nbytes:
-                sent -= views[0].nbytes
-                views.pop(0)
-            if views and sent:
-                views[0] = views[0][sent:]
+                self.bytes_sent += sent
+                while views and sent >= views[0].nbytes:
+                    sent -= views[0].nbytes
+                    views.pop(0)
+                if views and sent:
+                    views[0] = views[0][sent:]
 
     # -- receiving ---------------------------------------------------------------------------
     def recv(self, into: Mapping[MsgType, memoryview] | None = None) -> Frame:
@@ -235,17 +241,13 @@ class Connection:
         return frame
 
     def _recv_exact(self, view: memoryview) -> None:
-        while view.nbytes:
-            try:
+        with _peer_lost("waiting for data"):
+            while view.nbytes:
                 got = self.sock.recv_into(view)
-            except TimeoutError:
-                raise PeerTimeout("timed out waiting for data") from None
-            except OSError as exc:
-                raise PeerClosed(f"connection lost: {exc.strerror or exc}") from None
-            if got == 0:
-                raise PeerClosed("peer closed the connection")
-            self.bytes_recv += got
-            view = view[got:]
+                if got == 0:
+                    raise PeerClosed("peer closed the connection")
+                self.bytes_recv += got
+                view = view[got:]
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
