@@ -553,9 +553,8 @@ class Server:
         n, loss = meta.get("samples"), meta.get("loss")
         if not isinstance(n, int) or n <= 0 or not isinstance(loss, int | float):
             raise ProtocolError("gradients without a valid sample count and loss")
-        if self.balancer is not None and n != self.assignment.get(peer, (0, n))[1]:
-            raise ProtocolError(f"gradients of {n} samples, assigned {self.assignment[peer][1]}")
-        if self.covering and n != (assigned := self._covered_samples(peer)):
+        assigned = self._assigned_samples(peer)
+        if assigned is not None and n != assigned:
             raise ProtocolError(f"gradients of {n} samples, assigned {assigned}")
         compute_s = meta.get("compute_s")
         valid = isinstance(compute_s, int | float) and 0 <= compute_s < float("inf")
@@ -584,8 +583,14 @@ class Server:
             raise ProtocolError("non-finite gradients")
         return n, float(loss), grads
 
-    def _covered_samples(self, peer: Peer) -> int:
-        return self.settings.nn.batch_size * (1 + len(self.cover.get(peer.rank, [])))
+    def _assigned_samples(self, peer: Peer) -> int | None:
+        """The samples the server told `peer` to compute this step; None: not checked (a
+        balanced joiner's first, plain batch)."""
+        if self.balancer is not None:
+            return self.assignment[peer][1] if peer in self.assignment else None
+        if self.covering:
+            return self.settings.nn.batch_size * (1 + len(self.cover.get(peer.rank, [])))
+        return None
 
     def _per_host(self) -> dict[str, dict[str, float]]:
         """What each worker host did, summed over its connections (rejoins included)."""

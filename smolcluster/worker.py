@@ -95,8 +95,8 @@ class Worker:
         settings, nn_cfg = self.settings, self.settings.nn
         x, y = load_train(settings)
         plan = make_plan(settings, len(x))
-        loader = shard_loader(settings, x, y, self.rank)
         self._train_set = (x, y)
+        loader = self._loader(self.rank)
         replica = Replica.build(
             nn_cfg.model, nn_cfg.learning_rate, self.cfg.seed, nn_cfg.lr_schedule
         )
@@ -218,7 +218,8 @@ class Worker:
         return ranks
 
     def _loader(self, rank: int) -> ShardLoader:
-        """The plain-batch loader of another worker's shard (every host holds the whole set)."""
+        """The loader of a rank's shard: its own, or an absent worker's it covers (every host
+        holds the whole training split)."""
         if rank not in self._loaders:
             self._loaders[rank] = shard_loader(self.settings, *self._train_set, rank)
         return self._loaders[rank]
