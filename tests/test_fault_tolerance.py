@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,16 +14,23 @@ from tests.cluster import LocalCluster
 pytestmark = pytest.mark.slow
 
 
-def wait_for_step(cluster: LocalCluster, step: int, timeout: float = 600) -> None:
+def wait_for_server(
+    cluster: LocalCluster, reached: Callable[[dict], bool], what: str, timeout: float = 600
+) -> None:
+    """Until one of the server's step records satisfies `reached`; fail if the server ends."""
     deadline = time.monotonic() + timeout
     path = cluster.metrics_dir / "mini1.jsonl"
     while time.monotonic() < deadline:
-        if path.exists() and any(e.get("step", 0) >= step for e in cluster.events("mini1", "step")):
+        if path.exists() and any(reached(e) for e in cluster.events("mini1", "step")):
             return
         if cluster.procs["mini1"].poll() is not None:
             raise AssertionError("server exited early:\n" + cluster.logs())
         time.sleep(0.2)
-    raise AssertionError(f"server never reached step {step}:\n" + cluster.logs())
+    raise AssertionError(f"server never reached {what}:\n" + cluster.logs())
+
+
+def wait_for_step(cluster: LocalCluster, step: int) -> None:
+    wait_for_server(cluster, lambda e: e.get("step", 0) >= step, f"step {step}")
 
 
 def baseline_accuracy(cluster: LocalCluster) -> float:
@@ -84,14 +92,7 @@ def test_elastic_run_loses_nothing_to_a_killed_worker(
 
     cluster = elastic_run("killed")
     cluster.start()
-    deadline = time.monotonic() + 600
-    metrics = cluster.metrics_dir / "mini1.jsonl"
-    while not (
-        metrics.exists()
-        and any(e["samples"] >= 0.4 * budget for e in cluster.events("mini1", "step"))
-    ):
-        assert time.monotonic() < deadline and cluster.procs["mini1"].poll() is None, cluster.logs()
-        time.sleep(0.2)
+    wait_for_server(cluster, lambda e: e["samples"] >= 0.4 * budget, "40 % of the budget")
     cluster.procs["mini3"].send_signal(signal.SIGKILL)
     codes = cluster.wait()
     assert codes["mini1"] == codes["mini2"] == codes["pi5"] == 0, cluster.logs()
