@@ -65,7 +65,7 @@ class Row:
 
 def _row(part: str, label: str, mode: str, n: int, k: int | None, out: Path) -> Row:
     events = read_events(out / "metrics" / f"{SERVER}.jsonl")
-    start = next(e["wall"] for e in events if e.get("event") == "start")
+    start = of(events, "start")[0]["wall"]
     summary = of(events, "summary")[-1]
     samples = summary.get("samples")
     traffic = (summary.get("bytes_sent") or 0) + (summary.get("bytes_recv") or 0)

@@ -389,17 +389,28 @@ def link_wire_table(runs: list[links.LinkRun]) -> str:
     )
 
 
-def main_links(a: argparse.Namespace, info: dict[str, str], dataset: str) -> int:
+def write_json(
+    path: Path,
+    info: dict[str, str],
+    dataset: str,
+    argv: list[str],
+    notes: list[str],
+    **sections: Any,
+) -> None:
+    """All results of one invocation, with the machine, data and command they came from."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"machine": info, "dataset": dataset, "argv": argv, "grad_bytes": grad_bytes()}
+    path.write_text(json.dumps({**record, **sections, "notes": notes}, indent=2))
+
+
+def main_links(
+    a: argparse.Namespace,
+    profiles: list[links.Profile],
+    info: dict[str, str],
+    dataset: str,
+    argv: list[str],
+) -> int:
     """--links: the end-to-end modes inside network namespaces, one table per link profile."""
-    try:
-        profiles = links.choose_profiles(a.links)
-    except ValueError as e:
-        print(f"benchmarks.run: error: {e}", file=sys.stderr)
-        return 2
-    why = links.unavailable_reason()
-    if why:
-        print(f"benchmarks.run: error: {why}", file=sys.stderr)
-        return 2
     notes: list[str] = []
     work = a.work_dir or Path(tempfile.mkdtemp(prefix="smolcluster-bench-"))
     try:
@@ -431,30 +442,26 @@ def main_links(a: argparse.Namespace, info: dict[str, str], dataset: str) -> int
     for line in notes:
         print(line)
     if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(
-            json.dumps(
-                {
-                    "machine": info,
-                    "dataset": dataset,
-                    "argv": sys.argv[1:],
-                    "grad_bytes": grad_bytes(),
-                    "netem": any(r.shaping.startswith("netem") for r in runs),
-                    "links": [r.as_dict() for r in runs],
-                    "namespaces_left": left,
-                    "notes": notes,
-                },
-                indent=2,
-            )
+        write_json(
+            a.json,
+            info,
+            dataset,
+            argv,
+            notes,
+            netem=any(r.shaping.startswith("netem") for r in runs),
+            links=[r.as_dict() for r in runs],
+            namespaces_left=left,
         )
     return 1 if left else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    profiles: list[links.Profile] = []
     if a.links:  # before the data and torch: refuse at once
         try:
-            links.choose_profiles(a.links)
+            profiles = links.choose_profiles(a.links)
             why = links.unavailable_reason()
         except ValueError as e:
             why = str(e)
@@ -475,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
         + ("network namespaces (benchmarks/links.py)" if a.links else "loopback only")
     )
     if a.links:
-        return main_links(a, info, dataset)
+        return main_links(a, profiles, info, dataset, argv)
     work = a.work_dir or Path(tempfile.mkdtemp(prefix="smolcluster-bench-"))
     try:
         modes = _modes(a, notes)
@@ -537,23 +544,17 @@ def main(argv: list[str] | None = None) -> int:
     for line in goal_lines + notes:
         print(line)
     if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(
-            json.dumps(
-                {
-                    "machine": info,
-                    "dataset": dataset,
-                    "argv": sys.argv[1:] if argv is None else argv,
-                    "grad_bytes": grad_bytes(),
-                    "end_to_end": [r.as_dict() for r in results],
-                    "exchange": xchg,
-                    "tta": tta,
-                    "study": [asdict(r) for r in study],
-                    "goals": goal_lines,
-                    "notes": notes,
-                },
-                indent=2,
-            )
+        write_json(
+            a.json,
+            info,
+            dataset,
+            argv,
+            notes,
+            end_to_end=[r.as_dict() for r in results],
+            exchange=xchg,
+            tta=tta,
+            study=[asdict(r) for r in study],
+            goals=goal_lines,
         )
     return 0
 

@@ -20,43 +20,26 @@ from benchmarks.run import table
 REPO = Path(__file__).resolve().parents[1]
 
 
+def bench_command(data_root: Path, work: Path, *args: str) -> list[str]:
+    """`python -m benchmarks.run ARGS` on the offline digits, its logs and metrics under work."""
+    return [
+        sys.executable, "-m", "benchmarks.run", *args,
+        "--data-root", str(data_root), "--work-dir", str(work),
+    ]  # fmt: skip
+
+
 @pytest.mark.slow
 def test_harness_end_to_end(tmp_path: Path, offline_digits_root: Path) -> None:
     out = tmp_path / "bench.json"
+    args = [
+        "--workers", "2", "--steps", "8", "--exchange-iters", "5",
+        "--tta-accuracy", "0.3", "--tta-eval-steps", "5", "--tta-max-steps", "15",
+        "--local-steps", "4",
+        "--study", "slow", "--study-epochs", "1", "--study-max-steps", "12", "--study-k", "4",
+        "--json", str(out),
+    ]  # fmt: skip
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.run",
-            "--workers",
-            "2",
-            "--steps",
-            "8",
-            "--exchange-iters",
-            "5",
-            "--tta-accuracy",
-            "0.3",
-            "--tta-eval-steps",
-            "5",
-            "--tta-max-steps",
-            "15",
-            "--local-steps",
-            "4",
-            "--study",
-            "slow",
-            "--study-epochs",
-            "1",
-            "--study-max-steps",
-            "12",
-            "--study-k",
-            "4",
-            "--data-root",
-            str(offline_digits_root),
-            "--work-dir",
-            str(tmp_path / "work"),
-            "--json",
-            str(out),
-        ],
+        bench_command(offline_digits_root, tmp_path / "work", *args),
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -139,15 +122,17 @@ def test_statistics_helpers() -> None:
     assert table(["a", "bb"], [["1", "2"]]) == "| a | bb |\n|---|----|\n| 1 | 2  |"
 
 
-def links_unavailable() -> str | None:
-    """Why the --links mode cannot run here (root, ip, tc, ip netns), as tests/lab/test_lab.py:
-    a skip, except under SMOLCLUSTER_REQUIRE_LAB=1 (CI runs as root) where it fails."""
+def require_links() -> None:
+    """Skip when the --links mode cannot run here (root, ip, tc, ip netns), as
+    tests/lab/test_lab.py does, except under SMOLCLUSTER_REQUIRE_LAB=1 (CI runs as root) where
+    that fails."""
     from benchmarks.links import unavailable_reason
 
     reason = unavailable_reason()
     if reason and os.environ.get("SMOLCLUSTER_REQUIRE_LAB") == "1":
         pytest.fail(f"SMOLCLUSTER_REQUIRE_LAB=1 but {reason}")
-    return reason
+    if reason:
+        pytest.skip(reason)
 
 
 def bench_namespaces() -> list[str]:
@@ -163,32 +148,15 @@ def test_links_end_to_end(tmp_path: Path, offline_digits_root: Path) -> None:
 
     Nothing here is timed against a threshold that load could break: the checks are byte
     counts and a lower bound that only a link faster than its shaping could violate."""
-    reason = links_unavailable()
-    if reason:
-        pytest.skip(reason)
+    require_links()
     assert not bench_namespaces(), f"sclbench- namespaces exist already: {bench_namespaces()}"
     out = tmp_path / "links.json"
+    args = [
+        "--links", "wifi", "--workers", "2", "--steps", "8",
+        "--modes", "sync fp32", "gloo", "--json", str(out),
+    ]  # fmt: skip
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.run",
-            "--links",
-            "wifi",
-            "--workers",
-            "2",
-            "--steps",
-            "8",
-            "--modes",
-            "sync fp32",
-            "gloo",
-            "--data-root",
-            str(offline_digits_root),
-            "--work-dir",
-            str(tmp_path / "work"),
-            "--json",
-            str(out),
-        ],
+        bench_command(offline_digits_root, tmp_path / "work", *args),
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -247,29 +215,14 @@ def test_links_end_to_end(tmp_path: Path, offline_digits_root: Path) -> None:
 def test_links_sigterm_tears_down(tmp_path: Path, offline_digits_root: Path) -> None:
     """SIGTERM in the middle of a run: every process in our namespaces dies, every namespace
     goes, and the exit status says it was stopped."""
-    reason = links_unavailable()
-    if reason:
-        pytest.skip(reason)
+    require_links()
     from benchmarks.links import our_namespaces
 
+    args = [
+        "--links", "wifi", "--workers", "2", "--steps", "100000", "--modes", "sync fp32",
+    ]  # fmt: skip
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.run",
-            "--links",
-            "wifi",
-            "--workers",
-            "2",
-            "--steps",
-            "100000",
-            "--modes",
-            "sync fp32",
-            "--data-root",
-            str(offline_digits_root),
-            "--work-dir",
-            str(tmp_path / "work"),
-        ],
+        bench_command(offline_digits_root, tmp_path / "work", *args),
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
