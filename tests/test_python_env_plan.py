@@ -73,7 +73,10 @@ def render_argv(task_name: str, groups: list[str], host_vars: dict, arch: str) -
     for rel in ["roles/python_env/defaults/main.yml", "group_vars/all.yml"]:
         variables.update(_load(rel))
     for group in groups:
-        variables.update(_load(f"group_vars/{group}.yml"))
+        single = REPO / "group_vars" / f"{group}.yml"
+        variables.update(
+            _load(f"group_vars/{group}.yml" if single.exists() else f"group_vars/{group}/main.yml")
+        )
     variables.update(_trusted(host_vars))
     variables.update(_load("roles/python_env/vars/main.yml"))
     variables.update(
