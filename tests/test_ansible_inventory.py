@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.ansible_helpers import BIN, REPO, free_port, playbook, show
+from tests.ansible_helpers import BIN, REPO, free_port, playbook, scratch_checkout, show
 
 LOCAL = {
     "ansible_connection": "local",
@@ -142,3 +142,34 @@ def test_duplicate_address_and_split_subnet_are_reported(cluster_inventory) -> N
     assert "address 10.10.0.3 is used by both mini2 and mini3" in errors
     assert any(e.startswith("link edge50 spans several subnets") for e in errors)
     assert "host pi5: route to 10.10.0.0/24 via 192.168.50.1 is on none of its links" in errors
+
+
+def _become_password(checkout: Path, *extra: str) -> str:
+    """What ansible_become_password renders to on mini1 of inventory/cluster.yml (local
+    connection: nothing is dialled; debug runs on the controller)."""
+    result = subprocess.run(
+        [str(BIN / "ansible"), "mini1", "-i", "inventory/cluster.yml", "-c", "local",
+         "-m", "ansible.builtin.debug",
+         "-a", "msg={{ 'NONE' if ansible_become_password is none else ansible_become_password }}",
+         *extra],
+        cwd=checkout, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads(result.stdout.split("=>", 1)[1])["msg"]
+
+
+def test_mac_sudo_password_comes_from_the_vault_file_or_stays_unset_for_k(tmp_path: Path) -> None:
+    checkout = scratch_checkout(tmp_path)
+    # No vault file: the variable is none, so -K's password is used (none beats nothing).
+    assert _become_password(checkout) == "NONE"
+    # The documented way: an ansible-vault encrypted group_vars/macs/vault.yml.
+    secret = tmp_path / "vault-pass"
+    secret.write_text("lab-vault-key\n")
+    plain = checkout / "group_vars" / "macs" / "vault.yml"
+    plain.write_text("vault_macs_become_password: 'mac sudo pw'\n")
+    subprocess.run(
+        [str(BIN / "ansible-vault"), "encrypt", "--vault-password-file", str(secret), str(plain)],
+        cwd=checkout, check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    assert plain.read_text().startswith("$ANSIBLE_VAULT;")
+    assert _become_password(checkout, "--vault-password-file", str(secret)) == "mac sudo pw"

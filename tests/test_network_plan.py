@@ -91,3 +91,58 @@ def test_verify_targets_follow_links_and_isolation() -> None:
     }
     mini1 = plan.verify_targets(hostvars, "mini1", hosts, ["mini1"], ["pi4", "pi5"])
     assert mini1 == {"reach": ["10.10.0.3", "192.168.50.2"], "unreachable": []}
+
+
+# ---------------------------------------------------------------- NetworkManager (F12)
+
+NM_LIST = "\n".join(
+    [
+        "0b1c:802-3-ethernet:-999:Wired connection 1",
+        "7e2a:802-3-ethernet:0:netplan-eth0",
+        "9f00:802-3-ethernet:50:office\\:usb",  # a colon in a name is escaped
+        "aa11:802-11-wireless:0:home-wifi",
+        "cc22:802-3-ethernet:120:smolcluster-edge51",  # ours: never a rival
+    ]
+)
+
+
+def details(profiles: list[dict], devices: dict[str, str]) -> list[dict]:
+    """Loop results as `nmcli -t -f connection.interface-name,... connection show` gives them."""
+    return [
+        {
+            "item": p,
+            "stdout": f"connection.interface-name:{devices.get(p['uuid'], '')}\n"
+            f"connection.autoconnect-priority:{p['priority']}",
+        }
+        for p in profiles
+    ]
+
+
+def test_nmcli_profiles_are_parsed_with_escaped_colons() -> None:
+    profiles = plan.nmcli_parse_profiles(NM_LIST)
+    assert [p["name"] for p in profiles][2] == "office:usb"
+    assert [(p["uuid"], p["priority"]) for p in profiles][:3] == [
+        ("0b1c", -999),
+        ("7e2a", 0),
+        ("9f00", 50),
+    ]
+
+
+def test_nmcli_priority_is_above_every_rival_on_the_device() -> None:
+    ether = [p for p in plan.nmcli_parse_profiles(NM_LIST) if p["type"] == "802-3-ethernet"]
+    # office:usb is bound to another device; netplan-eth0 to eth0; Wired connection 1 to none.
+    bound = {"0b1c": "", "7e2a": "eth0", "9f00": "eth1", "cc22": "eth0"}
+    profiles = plan.nmcli_profile_details(details(ether, bound))
+    assert plan.nmcli_priority(profiles, "eth0", "smolcluster-", 100) == 100
+    # A rival at or above the floor is beaten by one.
+    assert plan.nmcli_priority(profiles, "eth1", "smolcluster-", 10) == 51
+    assert plan.nmcli_priority(profiles, "eth1", "smolcluster-", 0) == 51
+    rival = [{**profiles[1], "priority": 999}]
+    assert plan.nmcli_priority(rival, "eth0", "smolcluster-", 100) == 999  # NM's maximum
+
+
+def test_nmcli_active_profiles_leave_ours_out() -> None:
+    active = "\n".join(
+        ["7e2a:eth0:netplan-eth0", "aa11:wlan0:home-wifi", "cc22:eth1:smolcluster-edge50"]
+    )
+    assert plan.nmcli_active_by_device(active, "smolcluster-", ["eth0", "eth1"]) == {"eth0": "7e2a"}

@@ -178,6 +178,85 @@ def nmcli_routes(
     ]
 
 
+def _nmcli_fields(line: str) -> list[str]:
+    """Split one `nmcli -t` line on unescaped colons (values escape ':' and '\\')."""
+    fields, cur, escaped = [], [], False
+    for ch in line:
+        if escaped:
+            cur.append(ch)
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == ":":
+            fields.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    fields.append("".join(cur))
+    return fields
+
+
+def _int(text: str, default: int = 0) -> int:
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        return default
+
+
+def nmcli_parse_profiles(text: str) -> list[dict[str, Any]]:
+    """`nmcli -t -f UUID,TYPE,AUTOCONNECT-PRIORITY,NAME connection show` -> one dict per line."""
+    profiles = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        uuid, ctype, priority, name = [*_nmcli_fields(line), "", "", ""][:4]
+        profiles.append({"uuid": uuid, "type": ctype, "priority": _int(priority), "name": name})
+    return profiles
+
+
+def nmcli_profile_details(results: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Loop results of `nmcli -t -f connection.interface-name,... connection show uuid U`
+    (item = the parsed profile) -> profiles with the device they are bound to ('' = any)."""
+    profiles = []
+    for result in results:
+        values = {}
+        for line in str(result.get("stdout", "")).splitlines():
+            key, _, value = line.partition(":")
+            values[key.strip()] = value.strip()
+        item = dict(result["item"])
+        item["device"] = values.get("connection.interface-name", "")
+        if item["device"] == "--":
+            item["device"] = ""
+        item["priority"] = _int(values.get("connection.autoconnect-priority"), item["priority"])
+        profiles.append(item)
+    return profiles
+
+
+def nmcli_active_by_device(text: str, prefix: str, devices: Iterable[str]) -> dict[str, str]:
+    """`nmcli -t -f UUID,DEVICE,NAME connection show --active` -> {device: uuid} for the given
+    devices, leaving out our own profiles (restore must not bring those back)."""
+    wanted = set(devices)
+    active = {}
+    for line in text.splitlines():
+        uuid, device, name = [*_nmcli_fields(line), "", ""][:3]
+        if device in wanted and not name.startswith(prefix):
+            active[device] = uuid
+    return active
+
+
+def nmcli_priority(
+    profiles: list[Mapping[str, Any]], device: str, prefix: str, floor: int = 100
+) -> int:
+    """Autoconnect priority for our profile on device: one above every other Ethernet profile
+    that can take that device (bound to it or to none), at least floor, at most 999."""
+    rivals = [
+        int(p["priority"])
+        for p in profiles
+        if not str(p["name"]).startswith(prefix) and p.get("device", "") in (device, "")
+    ]
+    return min(999, max([int(floor), *[r + 1 for r in rivals]]))
+
+
 # ---------------------------------------------------------------- macOS (networksetup)
 
 
@@ -448,6 +527,10 @@ class FilterModule:
             "network_linux_ip_restore_plan": linux_ip_restore_plan,
             "network_linux_ip_batch": linux_ip_batch,
             "network_nmcli_routes": nmcli_routes,
+            "network_nmcli_parse_profiles": nmcli_parse_profiles,
+            "network_nmcli_profile_details": nmcli_profile_details,
+            "network_nmcli_active_by_device": nmcli_active_by_device,
+            "network_nmcli_priority": nmcli_priority,
             "network_darwin_plan": darwin_plan,
             "network_darwin_restore_plan": darwin_restore_plan,
             "network_verify_targets": verify_targets,
