@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up this checkout on a fresh machine: a venv in .venv with smolcluster, the controller
-# tools (ansible, paramiko, matplotlib) and, with --dev, the test tools and the lab's packages.
+# tools (ansible, paramiko, matplotlib) and, with --dev, the test tools and the lab's packages
+# (the lab's rootfs itself is built on its first `tests/lab/lab.sh up`, cached outside the clone).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,9 +18,11 @@ $dev && extras=controller,dev
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[$extras]"
 
 if $dev && [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
-  # The namespace lab needs these (tests skip the lab without root).
+  # The lab (booted containers in namespaces) and the local default's tmux jobs need these
+  # (tests skip the lab without root).
   need=()
-  for cmd in sshd:openssh-server ip:iproute2 ping:iputils-ping tmux:tmux socat:socat; do
+  for cmd in ssh:openssh-client ip:iproute2 ping:iputils-ping tmux:tmux socat:socat \
+    systemd-nspawn:systemd-container debootstrap:debootstrap nsenter:util-linux; do
     command -v "${cmd%%:*}" >/dev/null || [[ -x /usr/sbin/${cmd%%:*} ]] || need+=("${cmd#*:}")
   done
   if ((${#need[@]})); then

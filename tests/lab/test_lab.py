@@ -1,13 +1,16 @@
-"""End to end on the namespace lab: the real playbooks over SSH against real routing, checked
-from inside the namespaces (never from the root namespace).
+"""End to end on the lab: six booted containers (systemd, sshd, NetworkManager on the Pis), the
+real playbooks over SSH as the login user `smol` with become, against real routing, checked from
+inside the namespaces (never from the root namespace).
 
 One lab for the module (fixture `lab`), then phases in order, each its own test:
-site.yml → routing → site.yml again (changed=0) → train.yml -e epochs=1 (sync, every worker)
-→ an elastic run with faults (pi5's cable pulled and plugged back, mini2's worker killed)
-→ teardown.yml -e restore_network=true → lab down. A phase whose prerequisite failed skips.
+site.yml → routing → site.yml again (changed=0) → train.yml -e epochs=1 (sync, every worker;
+pi4's job a systemd unit) → a reboot of pi5 and mini3 (links, routes and forwarding come back by
+themselves) → an elastic run with no second site.yml (pi5's cable pulled and plugged back,
+mini2's worker killed) → teardown.yml -e restore_network=true → lab down. A phase whose
+prerequisite failed skips.
 
-Needs root, `ip netns`, sshd, socat, ping and tmux; skips with the reason otherwise, unless
-SMOLCLUSTER_REQUIRE_LAB=1 (CI), which turns the skip into a failure.
+Needs root, `ip netns`, systemd-nspawn, debootstrap, socat and ping; skips with the reason
+otherwise, unless SMOLCLUSTER_REQUIRE_LAB=1 (CI), which turns the skip into a failure.
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ HOSTS = ["mini1", "mini2", "mini3", "pi4", "pi5", "macbook"]
 WORKERS = HOSTS[1:]
 NAMESPACES = [f"scl-{h}" for h in [*HOSTS, "tb", "wifi"]]
 LAB_PREFIXES = ("10.10.0.", "192.168.50.", "192.168.51.", "172.27.83.")
+# The Macs' sudo password reaches Ansible from an ansible-vault file, as on the real cluster.
+VAULT_FILE, VAULT_PASSWORD = LAB_DIR / "vault.yml", LAB_DIR / "vault-password"
+VAULT_ARGS = ("-e", f"@{VAULT_FILE}", "--vault-password-file", str(VAULT_PASSWORD))
 RECAP = re.compile(r"^(\S+)\s+: ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
 
 # Phases that passed; a later phase that needs one skips when it did not.
@@ -47,25 +53,48 @@ PASSED: set[str] = set()
 def unavailable_reason() -> str | None:
     if os.geteuid() != 0:
         return "the lab needs root (network namespaces)"
-    for tool in ("ip", "sshd", "socat", "ping", "tmux", "ssh"):
+    for tool in ("ip", "socat", "ping", "ssh", "systemd-nspawn", "debootstrap", "nsenter"):
         if not shutil.which(tool) and not Path("/usr/sbin", tool).exists():
-            return f"the lab needs {tool} (apt-get install iproute2 openssh-server socat ...)"
+            return f"the lab needs {tool} (apt-get install systemd-container debootstrap socat ...)"
     if subprocess.run(["ip", "netns", "list"], capture_output=True, check=False).returncode:
         return "`ip netns` is not usable here"
     return None
 
 
-def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, check=check, timeout=120)
+def sh(*argv: str, check: bool = True, timeout: int = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, check=check, timeout=timeout)
 
 
 def in_ns(host: str, *argv: str, check: bool = False) -> subprocess.CompletedProcess[str]:
     return sh("ip", "netns", "exec", f"scl-{host}", *argv, check=check)
 
 
+def container_leader(host: str) -> str:
+    """The host container's PID 1 as this machine sees it (the child of its systemd-nspawn)."""
+    nspawn = (LAB_DIR / "hosts" / host / "nspawn.pid").read_text().strip()
+    return sh("pgrep", "-P", nspawn).stdout.split()[0]
+
+
+def in_host(host: str, *argv: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+    """A command inside the running host container (its mounts, pids and network), as root."""
+    return sh("nsenter", "-t", container_leader(host), "-m", "-u", "-i", "-n", "-p", *argv,
+              check=check)  # fmt: skip
+
+
+def host_path(host: str, path: str) -> Path:
+    """A file of the host's own filesystem (its overlay, seen from here)."""
+    return LAB_DIR / "hosts" / host / "root" / path
+
+
 def lab_namespaces() -> list[str]:
     out = sh("ip", "netns", "list").stdout
     return [line.split()[0] for line in out.splitlines() if line.startswith("scl-")]
+
+
+def lab_mounts() -> list[str]:
+    """Mount points under the lab's directory (the hosts' overlays)."""
+    mounts = Path("/proc/mounts").read_text().splitlines()
+    return [m.split()[1] for m in mounts if m.split()[1].startswith(str(LAB_DIR))]
 
 
 def default_routes() -> dict[str, object]:
@@ -89,10 +118,10 @@ def ansible_env() -> dict[str, str]:
 
 
 def playbook(*args: str, timeout: int = 900) -> tuple[dict[str, tuple[int, ...]], str]:
-    """Run a root playbook over the lab; return the recap per host (ok, changed, unreachable,
-    failed) and the output."""
+    """Run a playbook over the lab as the login user (become where a task needs it); return the
+    recap per host (ok, changed, unreachable, failed) and the output."""
     proc = subprocess.run(
-        [str(PLAYBOOK), "-i", str(INVENTORY), *args],
+        [str(PLAYBOOK), "-i", str(INVENTORY), *VAULT_ARGS, *args],
         cwd=REPO,
         env=ansible_env(),
         capture_output=True,
@@ -147,23 +176,39 @@ def read_events(path: Path) -> list[dict[str, Any]]:
 
 
 def host_run_dir(host: str) -> Path:
-    """smolcluster_run_dir of a lab host (inventory/lab.yml: .lab/hosts/<h>/smolcluster/run)."""
-    return LAB_DIR / "hosts" / host / "smolcluster" / "run"
+    """smolcluster_run_dir of a lab host: ~smol/smolcluster/run on the host's own disk."""
+    return host_path(host, "home/smol/smolcluster/run")
+
+
+def cmdline(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        return ""  # exited meanwhile
 
 
 def lab_processes() -> list[str]:
-    """Command lines of every process inside the lab host namespaces except sshd itself."""
+    """Command lines of the jobs' processes (trainers, tmux servers, job scripts) on any host."""
     found = []
     for host in HOSTS:
         for pid in sh("ip", "netns", "pids", f"scl-{host}").stdout.split():
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue  # exited meanwhile
-            # sshd and the ProxyCommand ends of open SSH connections are the lab's own transport.
-            if not cmd.startswith(("/usr/sbin/sshd", "sshd", "socat STDIO TCP:127.0.0.1:22")):
-                found.append(f"{host}: {cmd.strip()}")
+            cmd = cmdline(pid)
+            if "smolcluster" in cmd or cmd.startswith("tmux"):
+                found.append(f"{host}: {cmd}")
     return found
+
+
+def host_pid(host: str, pid_in_host: int) -> int:
+    """This machine's pid of the process that is `pid_in_host` inside the host's pid namespace."""
+    for pid in sh("ip", "netns", "pids", f"scl-{host}").stdout.split():
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        nspid = next(line.split()[1:] for line in status.splitlines() if line.startswith("NSpid:"))
+        if int(nspid[-1]) == pid_in_host and len(nspid) > 1:
+            return int(pid)
+    pytest.fail(f"no process {pid_in_host} in {host}")
 
 
 def test_lab_refuses_when_its_addresses_exist_outside() -> None:
@@ -184,8 +229,9 @@ def test_lab_refuses_when_its_addresses_exist_outside() -> None:
 
 
 def fresh_lab_state() -> None:
-    """Start as a clean clone would: no venv, data, run files or network state from an earlier
-    lab (host keys under .lab/hosts/<h>/ssh and the client key stay)."""
+    """Start as a clean clone would: fresh hosts (their overlays, so no venv, data, run files,
+    units or network state from an earlier lab); host keys under .lab/hosts/<h>/ssh and the
+    client key stay."""
     shutil.rmtree(LAB_DIR / "controller", ignore_errors=True)
     for host in HOSTS:
         hdir = LAB_DIR / "hosts" / host
@@ -196,24 +242,41 @@ def fresh_lab_state() -> None:
 
 
 @pytest.fixture(scope="module")
-def lab() -> Iterator[dict[str, object]]:
+def lab(lab_phase_times: dict[str, tuple[float, str]]) -> Iterator[dict[str, object]]:
     """The lab, up for the whole module; always torn down. Yields the default routes of every
     namespace as they were right after `up`."""
     require_lab()
-    if lab_namespaces():
-        pytest.fail(f"lab namespaces exist already: {lab_namespaces()} (tests/lab/lab.sh down)")
+    if lab_namespaces() or lab_mounts():
+        pytest.fail(
+            f"a lab exists already: {lab_namespaces() + lab_mounts()} (tests/lab/lab.sh down)"
+        )
     PASSED.clear()
+    started = time.monotonic()
     fresh_lab_state()
+    lab_phase_times["lab fresh state"] = (time.monotonic() - started, "passed")
     try:
-        up = sh(str(LAB), "up", check=False)
+        started = time.monotonic()
+        # A cold machine builds the rootfs and the wheel mirror first (minutes, once).
+        up = sh(str(LAB), "up", check=False, timeout=1200)
+        lab_phase_times["lab up"] = (
+            time.monotonic() - started,
+            "passed" if up.returncode == 0 else "failed",
+        )
         assert up.returncode == 0, up.stderr
+        print(up.stderr)  # what up built and how long it took, in the captured log
         before = default_routes()
         assert all(before[h] for h in HOSTS), "every lab host starts with a Wi-Fi default route"
         yield before
     finally:
-        down = sh(str(LAB), "down", check=False)
+        started = time.monotonic()
+        down = sh(str(LAB), "down", check=False, timeout=300)
+        lab_phase_times["lab down"] = (
+            time.monotonic() - started,
+            "passed" if down.returncode == 0 else "failed",
+        )
         assert down.returncode == 0, down.stderr
         assert lab_namespaces() == []
+        assert lab_mounts() == []
 
 
 def test_lab_refuses_a_second_start(lab: dict[str, object]) -> None:
@@ -257,6 +320,39 @@ def check_cluster_routing(before: dict[str, object]) -> None:
     assert not root_has_lab_address()
 
 
+@pytest.mark.timeout(600)
+def test_preflight_fails_first_naming_the_host(lab: dict[str, object]) -> None:
+    """Broken on purpose on a fresh lab: a wrong sudo password (the Macs), pi4's cable device
+    missing (renamed), pi5's Wi-Fi on the subnet of its cluster cable (many routers' factory
+    LAN). Preflight names each host and what is wrong, and nothing has changed anywhere."""
+    sh("ip", "-n", "scl-pi4", "link", "set", "eth0", "down")  # (a link is renamed down)
+    sh("ip", "-n", "scl-pi4", "link", "set", "eth0", "name", "eth7")
+    sh("ip", "-n", "scl-pi5", "addr", "add", "192.168.50.77/24", "dev", "wlan0")
+    try:
+        proc = subprocess.run(
+            [str(PLAYBOOK), "-i", str(INVENTORY), *VAULT_ARGS, "site.yml", "--tags", "preflight",
+             "-e", "vault_macs_become_password=not-the-password"],
+            cwd=REPO, env=ansible_env(), capture_output=True, text=True, timeout=540, check=False,
+        )  # fmt: skip
+    finally:
+        sh("ip", "-n", "scl-pi5", "addr", "del", "192.168.50.77/24", "dev", "wlan0")
+        sh("ip", "-n", "scl-pi4", "link", "set", "eth7", "name", "eth0")
+    out = proc.stdout
+    assert proc.returncode != 0, out[-4000:]
+    recap = {m[0]: tuple(int(x) for x in m[1:]) for m in RECAP.findall(out)}
+    failed = {h for h in HOSTS if recap[h][3] > 0}
+    # The MacBook has nothing for the network role, so it needs no sudo at all.
+    assert failed == {"mini1", "mini2", "mini3", "pi4", "pi5"}, recap
+    for mac in ("mini1", "mini2", "mini3"):
+        assert re.search(rf"{mac}: become \(sudo\) does not work for smol", out), out[-6000:]
+    assert re.search(r"pi4: .*eth0.*(does not exist|missing|not found)", out), out[-6000:]
+    assert re.search(r"pi5: .*192\.168\.50\.0/24.*overlap", out), out[-6000:]
+    # Nothing changed on any host: no state, no address, no profile.
+    for host in HOSTS:
+        assert not host_path(host, "var/lib/smolcluster-network").exists(), host
+        assert "10.10.0." not in in_ns(host, "ip", "-4", "-o", "addr").stdout, host
+
+
 @pytest.mark.timeout(900)
 def test_site_sets_up_the_cluster_and_its_routes(lab: dict[str, object]) -> None:
     # The lab starts bare: no cluster address anywhere, so the network role has real work.
@@ -295,7 +391,48 @@ def test_train_one_epoch_over_every_worker(lab: dict[str, object]) -> None:
     assert 0.5 < summary["final_accuracy"] <= 1.0
     assert (fetched / "report.png").stat().st_size > 0
     assert f"report: {fetched / 'report.png'}" in out  # the logs role printed the summary
+    # pi4's job ran as a systemd unit of pi4's own systemd, as the login user; the others in tmux.
+    unit = in_host("pi4", "systemctl", "show", "-p", "User,Result,ExecMainStatus",
+                   "smolcluster-pi4.service").stdout  # fmt: skip
+    assert "User=smol" in unit and "Result=success" in unit and "ExecMainStatus=0" in unit, unit
     PASSED.add("train")
+
+
+@pytest.mark.timeout(600)
+def test_rebooted_hosts_come_back_by_themselves(lab: dict[str, object]) -> None:
+    """Power-cycle a Pi (NetworkManager profiles) and the gateway Mac of the other Pi (iproute2
+    boot unit, forwarding from sysctl.d): their links, routes and forwarding come back with no
+    Ansible run. The elastic phase then trains on both with no second site.yml."""
+    needs("site")
+    off = sh(str(LAB), "poweroff", "pi5", "mini3", check=False, timeout=120)
+    assert off.returncode == 0, off.stderr
+    # Powered off, the hosts' links hold nothing any more: whatever comes back, boot brings.
+    assert "192.168.50.2" not in in_ns("pi5", "ip", "-4", "-o", "addr").stdout
+    assert "192.168.51.2" not in in_ns("mini3", "ip", "-4", "-o", "addr").stdout
+    assert in_ns("mini3", "sysctl", "-n", "net.ipv4.ip_forward").stdout.strip() == "0"
+    assert in_ns("pi4", "ping", "-c1", "-W1", "10.10.0.1").returncode != 0
+    boot = sh(str(LAB), "boot", "pi5", "mini3", check=False, timeout=300)
+    assert boot.returncode == 0, boot.stderr
+    for host in ("pi5", "mini3"):
+        assert in_host(host, "systemctl", "is-system-running").stdout.strip() in {
+            "running",
+            "degraded",
+        }
+    # NetworkManager brought pi5's profile up at boot; mini3's unit replayed its links.
+    active = in_host("pi5", "nmcli", "-t", "-f", "NAME,DEVICE", "connection", "show", "--active")
+    assert "smolcluster-" in active.stdout and ":eth0" in active.stdout, active.stdout
+    unit = in_host("mini3", "systemctl", "is-active", "smolcluster-network.service").stdout.strip()
+    assert unit == "active", unit
+
+    def routed() -> bool:
+        return (
+            in_ns("pi4", "ping", "-c1", "-W1", "10.10.0.1").returncode == 0
+            and in_ns("pi5", "ping", "-c1", "-W1", "10.10.0.2").returncode == 0
+        )
+
+    wait_for("both Pis reaching the fabric again", routed, 60)
+    check_cluster_routing(lab)
+    PASSED.add("reboot")
 
 
 def server_log() -> str:
@@ -313,7 +450,7 @@ def test_elastic_run_survives_a_pulled_cable_and_a_killed_worker(
     its routes, as with a real cable) until the server evicts pi5, then plugged back: pi5
     reconnects, rejoins and finishes. Then mini2's worker is killed: the run still completes,
     and train.yml, which treats an elastic worker leaving as part of the mode, succeeds."""
-    needs("site")
+    needs("site", "reboot")
     run_id = time.strftime("lab-elastic-%Y%m%dT%H%M%SZ", time.gmtime())
     # Throttled steps make the run last (~1 min) on sleep, not CPU; all five workers must join
     # before it starts (min_workers), so every one of them trains before the faults.
@@ -367,10 +504,9 @@ def test_elastic_run_survives_a_pulled_cable_and_a_killed_worker(
             proc,
         )
 
-        pid = int((host_run_dir("mini2") / "mini2.pid").read_text())
-        assert str(pid) in sh("ip", "netns", "pids", "scl-mini2").stdout.split()
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-        assert b"smolcluster worker" in cmdline, cmdline
+        # The pid file holds the pid inside mini2's own pid namespace.
+        pid = host_pid("mini2", int((host_run_dir("mini2") / "mini2.pid").read_text()))
+        assert "smolcluster worker" in cmdline(str(pid)), cmdline(str(pid))
         os.kill(pid, signal.SIGKILL)
         wait_for(
             "the server dropping mini2",
@@ -410,14 +546,25 @@ def test_elastic_run_survives_a_pulled_cable_and_a_killed_worker(
 
 @pytest.mark.timeout(600)
 def test_teardown_stops_everything_and_restores_the_network(lab: dict[str, object]) -> None:
-    playbook("teardown.yml", "-e", "restore_network=true")
+    """Nothing of ours is left on any host: no job, unit, profile, address, route or file."""
+    playbook("teardown.yml", "-e", "restore_network=true", "-e", "purge=true")
     assert lab_processes() == []
     for host in ("mini1", "mini2", "mini3", "pi4", "pi5"):
         addrs = in_ns(host, "ip", "-4", "-o", "addr").stdout
         assert "10.10.0." not in addrs and "192.168.5" not in addrs, (host, addrs)
         assert "10.10.0.0/24" not in in_ns(host, "ip", "route").stdout
         assert in_ns(host, "sysctl", "-n", "net.ipv4.ip_forward").stdout.strip() == "0"
-        assert not (LAB_DIR / "hosts" / host / "etc" / "smolcluster-network").exists()
+        assert not host_path(host, "etc/smolcluster-network").exists()
+        # No unit of ours is left loaded or on disk, on any host's own systemd.
+        units = in_host(host, "systemctl", "list-units", "--all", "--plain", "--no-legend",
+                        "smolcluster*").stdout  # fmt: skip
+        assert units.strip() == "", (host, units)
+        assert not list(host_path(host, "etc/systemd/system").glob("smolcluster*")), host
+    for host in ("pi4", "pi5"):
+        profiles = in_host(host, "nmcli", "-t", "-f", "NAME", "connection", "show").stdout
+        assert "smolcluster-" not in profiles, (host, profiles)
+    for host in HOSTS:
+        assert not host_path(host, "home/smol/smolcluster").exists(), host  # purge=true
     assert in_ns("pi4", "ping", "-c1", "-W1", "10.10.0.1").returncode != 0
     assert default_routes() == lab
     assert not root_has_lab_address()
