@@ -357,9 +357,29 @@ def test_preflight_fails_first_naming_the_host(lab: dict[str, object]) -> None:
 def test_site_sets_up_the_cluster_and_its_routes(lab: dict[str, object]) -> None:
     # The lab starts bare: no cluster address anywhere, so the network role has real work.
     assert "10.10.0." not in in_ns("mini1", "ip", "-4", "-o", "addr").stdout
+    # A rival DHCP profile on each Pi's cable, keener than NetworkManager's default (as Pi OS
+    # trixie's netplan/cloud-init profiles can be): ours must outrank it, at boot too.
+    for pi in ("pi4", "pi5"):
+        in_host(pi, "nmcli", "connection", "add", "type", "ethernet", "ifname", "eth0",
+                "con-name", "rival-dhcp", "ipv4.method", "auto",
+                "connection.autoconnect-priority", "150", check=True)  # fmt: skip
     recap, _ = playbook("site.yml")
     assert recap["pi4"][1] > 0 and recap["mini1"][1] > 0
     check_cluster_routing(lab)
+    for pi, link, address, route in [
+        ("pi4", "edge51", "192.168.51.4/24", "10.10.0.0/24 192.168.51.2"),
+        ("pi5", "edge50", "192.168.50.2/24", "10.10.0.0/24 192.168.50.1"),
+    ]:
+        fields = ",".join(["connection.autoconnect-priority", "ipv4.method", "ipv4.never-default",
+                           "ipv4.addresses", "ipv4.routes"])  # fmt: skip
+        profile = in_host(pi, "nmcli", "-g", fields, "connection", "show", f"smolcluster-{link}")
+        assert profile.stdout.split() == ["151", "manual", "yes", address, *route.split()], profile
+    # The gateways' persistence lives in their own /etc, and the boot unit is enabled.
+    for gateway in ("mini1", "mini3"):
+        assert host_path(gateway, "etc/sysctl.d/90-smolcluster.conf").is_file()
+        assert host_path(gateway, "etc/smolcluster-network/ip.batch").is_file()
+        enabled = in_host(gateway, "systemctl", "is-enabled", "smolcluster-network.service")
+        assert enabled.stdout.strip() == "enabled", enabled
     PASSED.add("site")
 
 
@@ -420,7 +440,7 @@ def test_rebooted_hosts_come_back_by_themselves(lab: dict[str, object]) -> None:
         }
     # NetworkManager brought pi5's profile up at boot; mini3's unit replayed its links.
     active = in_host("pi5", "nmcli", "-t", "-f", "NAME,DEVICE", "connection", "show", "--active")
-    assert "smolcluster-" in active.stdout and ":eth0" in active.stdout, active.stdout
+    assert "smolcluster-edge50:eth0" in active.stdout.splitlines(), active.stdout
     unit = in_host("mini3", "systemctl", "is-active", "smolcluster-network.service").stdout.strip()
     assert unit == "active", unit
 
@@ -471,7 +491,7 @@ def test_elastic_run_survives_a_pulled_cable_and_a_killed_worker(
     output = tmp_path / "train-elastic.out"
     with output.open("w") as sink:
         proc = subprocess.Popen(
-            [str(PLAYBOOK), "-i", str(INVENTORY), *args],
+            [str(PLAYBOOK), "-i", str(INVENTORY), *VAULT_ARGS, *args],
             cwd=REPO,
             env=ansible_env(),
             stdout=sink,
@@ -563,6 +583,7 @@ def test_teardown_stops_everything_and_restores_the_network(lab: dict[str, objec
     for host in ("pi4", "pi5"):
         profiles = in_host(host, "nmcli", "-t", "-f", "NAME", "connection", "show").stdout
         assert "smolcluster-" not in profiles, (host, profiles)
+        assert "rival-dhcp" in profiles.splitlines(), (host, profiles)  # theirs stays theirs
     for host in HOSTS:
         assert not host_path(host, "home/smol/smolcluster").exists(), host  # purge=true
     assert in_ns("pi4", "ping", "-c1", "-W1", "10.10.0.1").returncode != 0
