@@ -117,3 +117,40 @@ def test_host_without_links_skips_the_role_and_needs_no_sudo(tmp_path: Path) -> 
         assert result.returncode == 0, show(result)
         assert recap(result.stdout)["macbook"]["changed"] == 0, show(result)
         assert "state directory" not in result.stdout, show(result)
+
+
+def test_linux_path_reads_without_sudo_and_asks_for_it_at_the_first_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The role's Linux path in check mode on this machine, with a sudo that cannot work: the
+    reads (default routes, forwarding) pass unescalated, the first write (the state directory)
+    is where become is tried. lo's own 127.0.0.1/8 is the 'link', so nothing could be planned;
+    every path the role would write is under tmp_path."""
+    monkeypatch.setenv("ANSIBLE_BECOME_ALLOW_SAME_USER", "True")  # we are root here
+    etc = tmp_path / "etc"
+    host = {
+        "ansible_connection": "local",
+        "ansible_python_interpreter": "{{ ansible_playbook_python }}",
+        "ansible_become_exe": str(tmp_path / "no-sudo-here"),
+        "cluster_interfaces": [
+            {"link": "fabric", "address": "127.0.0.1", "prefix": 8, "linux_device": "lo"}
+        ],
+        "network_linux_backend": "iproute2",
+        "network_state_dir": str(tmp_path / "state"),
+        "network_sysctl_file": str(etc / "sysctl.d" / "90-smolcluster.conf"),
+        "network_linux_persist_dir": str(etc / "smolcluster-network"),
+        "network_systemd_unit_dir": str(etc / "systemd" / "system"),
+        "network_systemd_enable": False,
+    }
+    (tmp_path / "inventory.yml").write_text(yaml.safe_dump({"all": {"hosts": {"mini2": host}}}))
+    (tmp_path / "play.yml").write_text(
+        yaml.safe_dump([{"hosts": "all", "gather_facts": True, "roles": ["network"]}])
+    )
+    result = playbook(REPO, str(tmp_path / "play.yml"), "-i", str(tmp_path / "inventory.yml"),
+                      "--check")  # fmt: skip
+    assert result.returncode != 0, show(result)
+    ran = result.stdout.split("TASK [network : Create the state directory]")
+    assert len(ran) == 2, show(result)
+    assert "TASK [network : Read IPv4 forwarding before any change]" in ran[0]
+    assert "fatal" not in ran[0] and "no-sudo-here" in ran[1], show(result)
+    assert not (tmp_path / "state").exists() and not etc.exists()

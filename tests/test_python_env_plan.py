@@ -190,3 +190,14 @@ def test_pins_keep_this_machine_and_a_pi4_safe_release() -> None:
     # 2.10.0 dies on a Pi 4 (pytorch/pytorch#176993); 2.11.0 was fixed for ARMv8.0.
     assert pins["Linux-aarch64"] == ["torch==2.11.0", "torchvision==0.26.0"]
     assert "ansible_facts['architecture']" in defaults["python_env_torch_packages"]
+
+
+def test_local_default_wheel_argv_is_unchanged() -> None:
+    """The local default (stdlib venv seeing the controller's packages) installs only the wheel,
+    offline and without dependencies, exactly as before the mirror options existed."""
+    local = {"python_env_tool": "venv", "python_env_reuse_controller_packages": True}
+    argv = render_argv("Install the wheel with pip", [], local, "x86_64")
+    assert argv == [
+        VENV_PY, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps",
+        "--ignore-installed", "/home/smol/smolcluster/wheels/smolcluster-0.1.0-py3-none-any.whl",
+    ]  # fmt: skip
