@@ -140,6 +140,9 @@ class Worker:
                         MsgType.WEIGHTS: replica.nbytes,
                     }
                 )
+                # Before START the server may wait join_timeout_s for the others; a server
+                # silent for longer than that and a step is gone.
+                conn.idle_timeout = self.cfg.join_timeout_s + self.cfg.step_timeout_s + 30
                 steps = self.steps
                 try:
                     finished = self._session(conn, plan, loader, replica, metrics)
