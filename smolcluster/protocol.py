@@ -5,7 +5,9 @@ The tag is HMAC-SHA256 over header, metadata and SHA-256(payload) under a per-co
 per-direction key (hashing the payload once lets the server send one average to N workers with
 one pass over it, not N); the header carries a sequence number the receiver checks, so frames
 can be neither forged, replayed nor reordered. Nothing on this path is ever unpickled.
-docs/protocol.md has the layout.
+Every phase of a connection has a deadline (Deadlines) and every frame a size limit checked on
+its header, tighter before authentication than after. docs/protocol.md has the layout and the
+limits.
 """
 
 from __future__ import annotations

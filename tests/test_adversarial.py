@@ -217,6 +217,16 @@ def test_the_accept_loop_outlives_a_full_file_table() -> None:
     assert "accepting connections again" in log and "Traceback" not in log, log
 
 
+def test_the_server_raises_its_soft_file_limit_to_the_hard_one() -> None:
+    script = (
+        "import resource as r; from smolcluster.listener import raise_file_limit; "
+        "r.setrlimit(r.RLIMIT_NOFILE, (64, 512)); raise_file_limit(); "
+        "print(r.getrlimit(r.RLIMIT_NOFILE)[0])"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.stdout.strip() == "512", out.stderr
+
+
 # -- a live server under every attack at once -------------------------------------------------
 
 
