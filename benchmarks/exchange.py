@@ -111,8 +111,7 @@ def _ours_worker(a: argparse.Namespace) -> None:
         raise SystemExit("server never came up")
     conn, _ = client_handshake(
         sock, secret, {"host": f"w{a.rank}", "rank": a.rank}, MAX_FRAME, "server"
-    )
-    sock.settimeout(None)
+    )  # the connection keeps its socket non-blocking and waits with its own deadlines
     grads = torch.full((a.bytes // 4,), float(a.rank))
     average = torch.empty_like(grads)
     times = []

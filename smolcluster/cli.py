@@ -167,11 +167,12 @@ def _run_worker(args: argparse.Namespace) -> int:
         from smolcluster.gloo_backend import run_from_settings
 
         return run_from_settings(settings, "worker", rank, host)
+    from smolcluster.protocol import Refused
     from smolcluster.worker import ServerGone, Worker
 
     try:
         return Worker(settings, host, args.throttle_s).run()
-    except ServerGone as exc:
+    except (ServerGone, Refused) as exc:
         log.error("%s", exc)
         return 1
 

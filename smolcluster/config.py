@@ -51,7 +51,13 @@ class ClusterConfig(_Strict):
     # The original retried 60 times, 3 s apart; we back off exponentially up to the cap.
     connect_retries: int = Field(default=60, ge=1)
     connect_backoff_s: float = Field(default=3.0, gt=0)
+    # Whole-phase deadlines of a connection (docs/protocol.md, "Limits and deadlines").
     handshake_timeout_s: float = Field(default=10.0, gt=0)
+    frame_timeout_s: float = Field(default=30.0, gt=0)
+    send_timeout_s: float = Field(default=30.0, gt=0)
+    # Connections being authenticated at once, in all and from one address; more are closed.
+    max_handshakes: int = Field(default=64, ge=1)
+    max_handshakes_per_address: int = Field(default=16, ge=1)
     join_timeout_s: float = Field(default=300.0, gt=0)
     step_timeout_s: float = Field(default=60.0, gt=0)
     heartbeat_interval_s: float = Field(default=2.0, gt=0)

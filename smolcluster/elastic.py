@@ -18,7 +18,6 @@ docs/algorithms.md explains the choice.
 from __future__ import annotations
 
 import logging
-import queue
 import select
 import sys
 import threading
@@ -91,9 +90,8 @@ class ElasticLoop:
             if not server.active and not server.pending:
                 server._wait_for_rejoin()
                 continue
-            try:
-                event = server.events.get(timeout=0.5)
-            except queue.Empty:
+            event = server.next_event(0.5)
+            if event is None:
                 continue
             from smolcluster.server import Received
 
@@ -110,7 +108,7 @@ class ElasticLoop:
             progress.update(merged)
             last = server.samples_merged >= self.budget
             server.evaluator.maybe(
-                server.step, event.frame.meta.get("loss", float("nan")), final=last
+                server.step, float(event.frame.meta.get("loss", float("nan"))), final=last
             )
             server.boundary(self.replica)
         progress.close()
@@ -155,6 +153,9 @@ class ElasticLoop:
             raise ProtocolError(f"push from version {base!r}, current is {server.step}")
         if not isinstance(samples, int) or samples <= 0:
             raise ProtocolError("push without a valid sample count")
+        steps, loss = meta.get("steps", 0), meta.get("loss", float("nan"))
+        if not isinstance(steps, int) or steps < 0 or not isinstance(loss, int | float):
+            raise ProtocolError("push without a valid step count and loss")
         _decode_into(frame, self.delta)
         if not torch.isfinite(self.delta.sum()):
             raise ProtocolError("non-finite update")
@@ -164,7 +165,7 @@ class ElasticLoop:
         server.step += 1
         server.samples_merged += samples
         peer.samples += samples
-        peer.steps += int(meta.get("steps", 0))
+        peer.steps += steps
         self._reply(peer, bool(meta.get("pull")))
         self.metrics.write(
             "step",

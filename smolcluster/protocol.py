@@ -5,7 +5,9 @@ The tag is HMAC-SHA256 over header, metadata and SHA-256(payload) under a per-co
 per-direction key (hashing the payload once lets the server send one average to N workers with
 one pass over it, not N); the header carries a sequence number the receiver checks, so frames
 can be neither forged, replayed nor reordered. Nothing on this path is ever unpickled.
-docs/protocol.md has the layout.
+Every phase of a connection has a deadline (Deadlines) and every frame a size limit checked on
+its header, tighter before authentication than after. docs/protocol.md has the layout and the
+limits.
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ import contextlib
 import hashlib
 import hmac
 import json
+import math
 import os
+import select
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from enum import IntEnum
@@ -29,6 +34,9 @@ VERSION = 2  # 2: the tag covers SHA-256(payload) instead of the payload itself
 HEADER = struct.Struct("!4sBBHQIQ")  # magic, version, type, flags, seq, meta_len, payload_len
 TAG_LEN = 32
 MAX_META = 64 * 1024
+# Before authentication a frame is a handshake frame: small metadata, no payload, whatever
+# max_frame_bytes says; nobody without the secret makes the receiver allocate more.
+HANDSHAKE_META = 4096
 NONCE_LEN = 32
 SOCKET_BUFFER = 4 * 1024 * 1024
 
@@ -62,7 +70,32 @@ class PeerClosed(ProtocolError):
 
 
 class PeerTimeout(PeerClosed):
-    """Nothing arrived within the socket's timeout: the peer or the path to it is gone."""
+    """A phase of the connection overran its deadline: the peer or the path to it is gone,
+    or the peer is too slow on purpose."""
+
+
+class BadTag(ProtocolError):
+    """A frame's tag does not verify: forged, corrupted, or sent under another secret."""
+
+
+class Refused(ProtocolError):
+    """The peer said no (REJECT or ERROR): retrying cannot help."""
+
+
+class WrongSecret(Refused):
+    """The handshake proved that the two sides hold different cluster secrets."""
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    """How long each phase of a connection may take, in seconds (None: no limit).
+
+    handshake: the whole handshake, first byte to last; frame: one frame, from its first byte
+    to its last; send: writing one frame (a peer that stops reading is gone after this)."""
+
+    handshake: float = 10.0
+    frame: float | None = 30.0
+    send: float | None = 30.0
 
 
 @contextlib.contextmanager
@@ -120,14 +153,33 @@ def _mac_key(key: bytes, label: bytes) -> bytes:
 
 
 class Connection:
-    """One authenticated peer. Not thread-safe per direction: one sender, one receiver."""
+    """One authenticated peer. Not thread-safe per direction: one sender, one receiver.
+
+    The socket is non-blocking and every wait goes through poll() with its own deadline, so
+    the two directions time out independently (a reader thread and a sender share it), and a
+    deadline bounds a whole phase, not each recv: a peer cannot stretch a frame forever by
+    dribbling one byte at a time."""
 
     def __init__(
-        self, sock: socket.socket, send_key: bytes, recv_key: bytes, max_frame: int, peer: str
+        self,
+        sock: socket.socket,
+        send_key: bytes,
+        recv_key: bytes,
+        max_frame: int,
+        peer: str,
+        deadlines: Deadlines | None = None,
     ) -> None:
         self.sock = sock
         self.peer = peer
         self.max_frame = max_frame
+        deadlines = deadlines or Deadlines(frame=None, send=None)
+        self.frame_timeout = deadlines.frame
+        self.send_timeout = deadlines.send
+        self.idle_timeout: float | None = None  # waiting for the next frame to begin
+        self.deadline: float | None = None  # monotonic time by which the current phase ends
+        self.meta_limit = MAX_META
+        # type -> the largest payload it may carry; None: anything within max_frame.
+        self.payload_limits: Mapping[MsgType, int] | None = None
         self.bytes_sent = 0
         self.bytes_recv = 0
         self._send_key, self._recv_key = send_key, recv_key
@@ -137,6 +189,11 @@ class Connection:
         self._tag = bytearray(TAG_LEN)
         self._payload = bytearray(0)
         self._send_lock = threading.Lock()  # heartbeats come from a second thread
+        sock.setblocking(False)
+        # One poll object per direction: they may wait at the same time in different threads.
+        self._readable, self._writable = select.poll(), select.poll()
+        self._readable.register(sock.fileno(), select.POLLIN)
+        self._writable.register(sock.fileno(), select.POLLOUT)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # Room for a whole model in flight, so the server's fan-out of one average to N
         # workers does not wait on each worker's reads in turn.
@@ -146,6 +203,29 @@ class Connection:
 
     def rekey(self, send_key: bytes, recv_key: bytes) -> None:
         self._send_key, self._recv_key = send_key, recv_key
+
+    def limit_payloads(self, limits: Mapping[MsgType, int]) -> None:
+        """From now on accept only these types with a payload of at most their size (others:
+        none), into one buffer allocated here, once, of the largest."""
+        self.payload_limits = dict(limits)
+        self._payload = bytearray(max(limits.values(), default=0))
+
+    def _until(self, timeout: float | None) -> float | None:
+        """The deadline of a step that may take `timeout`, within the current phase's."""
+        until = None if timeout is None else time.monotonic() + timeout
+        if self.deadline is not None:
+            until = self.deadline if until is None else min(until, self.deadline)
+        return until
+
+    def _wait(self, poller: select.poll, until: float | None, doing: str) -> None:
+        timeout_ms = None
+        if until is not None:
+            left = until - time.monotonic()
+            if left <= 0:
+                raise PeerTimeout(f"timed out {doing}")
+            timeout_ms = math.ceil(left * 1000)
+        if not poller.poll(timeout_ms):
+            raise PeerTimeout(f"timed out {doing}")
 
     # -- sending -----------------------------------------------------------------------------
     def send(
@@ -173,9 +253,14 @@ class Connection:
 
     def _sendmsg(self, parts: list[bytes | memoryview]) -> None:
         views = [memoryview(p).cast("B") for p in parts if len(p)]
+        until = self._until(self.send_timeout)
         with _peer_lost("sending"):
             while views:
-                sent = self.sock.sendmsg(views)
+                try:
+                    sent = self.sock.sendmsg(views)
+                except BlockingIOError:
+                    self._wait(self._writable, until, "sending (the peer stopped reading)")
+                    continue
                 self.bytes_sent += sent
                 while views and sent >= views[0].nbytes:
                     sent -= views[0].nbytes
@@ -187,7 +272,10 @@ class Connection:
     def recv(self, into: Mapping[MsgType, memoryview] | None = None) -> Frame:
         """Read one frame. A payload whose type is in `into` lands in that buffer, which it
         must fill exactly; any other payload lands in the connection's own reused buffer."""
-        self._recv_exact(memoryview(self._header))
+        header = memoryview(self._header)
+        self._recv_exact(header[:1], self._until(self.idle_timeout), "waiting for a frame")
+        until = self._until(self.frame_timeout)  # from the first byte to the last
+        self._recv_exact(header[1:], until)
         magic, version, mtype, flags, seq, meta_len, payload_len = HEADER.unpack(self._header)
         if magic != MAGIC:
             raise ProtocolError(f"bad magic {bytes(magic)!r}")
@@ -197,14 +285,19 @@ class Connection:
             kind = MsgType(mtype)
         except ValueError:
             raise ProtocolError(f"unknown message type {mtype}") from None
-        if meta_len > MAX_META or HEADER.size + meta_len + payload_len + TAG_LEN > self.max_frame:
+        # Checked on the header, before anything is allocated or read.
+        limit = self.max_frame - HEADER.size - TAG_LEN - meta_len
+        if self.payload_limits is not None:
+            limit = min(limit, self.payload_limits.get(kind, 0))
+        if meta_len > self.meta_limit or payload_len > limit:
             raise ProtocolError(
-                f"frame of {meta_len + payload_len} bytes exceeds the limit of {self.max_frame}"
+                f"{kind.name} frame of {meta_len} + {payload_len} bytes (metadata + payload) "
+                f"exceeds the limit of {self.meta_limit} + {max(limit, 0)}"
             )
         if seq != self._recv_seq:
             raise ProtocolError(f"sequence number {seq}, expected {self._recv_seq}")
-        meta_raw = bytearray(meta_len)
-        self._recv_exact(memoryview(meta_raw))
+        meta_raw = bytearray(meta_len)  # at most meta_limit
+        self._recv_exact(memoryview(meta_raw), until)
         if into is not None and kind in into:
             target = into[kind].cast("B")
             if target.nbytes != payload_len:
@@ -215,18 +308,18 @@ class Connection:
             if len(self._payload) < payload_len:
                 self._payload = bytearray(payload_len)
             target = memoryview(self._payload)[:payload_len]
-        self._recv_exact(target)
-        self._recv_exact(memoryview(self._tag))
+        self._recv_exact(target, until)
+        self._recv_exact(memoryview(self._tag), until)
         mac = hmac.new(self._recv_key, self._header, hashlib.sha256)
         mac.update(meta_raw)
         mac.update(payload_digest(target))
         if not hmac.compare_digest(mac.digest(), self._tag):
-            raise ProtocolError(f"bad HMAC on {kind.name} frame {seq}")
+            raise BadTag(f"bad HMAC on {kind.name} frame {seq}")
         self._recv_seq += 1
         try:
             meta = json.loads(meta_raw) if meta_len else {}
-        except ValueError:
-            raise ProtocolError("metadata is not JSON") from None
+        except (ValueError, RecursionError):  # bad UTF-8 or JSON, or nested too deep
+            raise ProtocolError("metadata is not a JSON object we can read") from None
         if not isinstance(meta, dict):
             raise ProtocolError("metadata is not a JSON object")
         return Frame(kind, flags, meta, target)
@@ -234,16 +327,22 @@ class Connection:
     def expect(self, *kinds: MsgType, into: Mapping[MsgType, memoryview] | None = None) -> Frame:
         frame = self.recv(into)
         if frame.type == MsgType.ERROR:
-            raise ProtocolError(f"peer reported an error: {frame.meta.get('reason', '?')}")
+            raise Refused(f"peer reported an error: {frame.meta.get('reason', '?')}")
         if frame.type not in kinds:
             names = "/".join(k.name for k in kinds)
             raise ProtocolError(f"unexpected {frame.type.name}, expected {names}")
         return frame
 
-    def _recv_exact(self, view: memoryview) -> None:
-        with _peer_lost("waiting for data"):
+    def _recv_exact(
+        self, view: memoryview, until: float | None, doing: str = "receiving a frame"
+    ) -> None:
+        with _peer_lost(doing):
             while view.nbytes:
-                got = self.sock.recv_into(view)
+                try:
+                    got = self.sock.recv_into(view)
+                except BlockingIOError:
+                    self._wait(self._readable, until, doing)
+                    continue
                 if got == 0:
                     raise PeerClosed("peer closed the connection")
                 self.bytes_recv += got
@@ -284,38 +383,83 @@ def _nonce(meta: dict[str, Any], key: str) -> bytes:
     return value
 
 
+def _handshaking(conn: Connection, timeout: float) -> None:
+    """The handshake is one phase: it ends within `timeout` s, its frames are small."""
+    conn.deadline = time.monotonic() + timeout
+    conn.meta_limit, conn.payload_limits = HANDSHAKE_META, {}
+
+
+def _session(conn: Connection) -> None:
+    conn.deadline, conn.meta_limit, conn.payload_limits = None, MAX_META, None
+
+
 def client_handshake(
-    sock: socket.socket, secret: bytes, hello: dict[str, Any], max_frame: int, peer: str
+    sock: socket.socket,
+    secret: bytes,
+    hello: dict[str, Any],
+    max_frame: int,
+    peer: str,
+    deadlines: Deadlines | None = None,
 ) -> tuple[Connection, Frame]:
-    """Authenticate to the server; return the connection and its WELCOME frame."""
+    """Authenticate to the server; return the connection and its WELCOME frame.
+
+    WrongSecret when the server's answer does not verify under our secret (it sends REJECT
+    under its own when our HELLO fails); Refused when it says no for another reason."""
+    deadlines = deadlines or Deadlines()
     c2s, s2c = _handshake_keys(secret)
-    conn = Connection(sock, c2s, s2c, max_frame, peer)
+    conn = Connection(sock, c2s, s2c, max_frame, peer, deadlines)
+    _handshaking(conn, deadlines.handshake)
     nonce_c = os.urandom(NONCE_LEN)
-    conn.send(MsgType.HELLO, {**hello, "nonce": nonce_c.hex()})
-    nonce_s = _nonce(conn.expect(MsgType.CHALLENGE, MsgType.REJECT).meta, "nonce")
+    try:
+        conn.send(MsgType.HELLO, {**hello, "nonce": nonce_c.hex()})
+        first = conn.expect(MsgType.CHALLENGE, MsgType.REJECT)
+    except BadTag:
+        raise WrongSecret(
+            f"the server at {peer} answered under another key: the cluster secret differs "
+            "from the server's"
+        ) from None
+    if first.type == MsgType.REJECT:
+        raise Refused(f"server refused us: {first.meta.get('reason', '?')}")
+    nonce_s = _nonce(first.meta, "nonce")
     conn.send(MsgType.AUTH, {"proof": _proof(secret, nonce_c, nonce_s)})
     conn.rekey(*_session_keys(secret, nonce_c, nonce_s))
     reply = conn.expect(MsgType.WELCOME, MsgType.REJECT)
     if reply.type == MsgType.REJECT:
-        raise ProtocolError(f"server refused us: {reply.meta.get('reason', '?')}")
+        raise Refused(f"server refused us: {reply.meta.get('reason', '?')}")
+    _session(conn)
     return conn, reply
 
 
 def server_handshake(
-    sock: socket.socket, secret: bytes, max_frame: int, peer: str
+    sock: socket.socket,
+    secret: bytes,
+    max_frame: int,
+    peer: str,
+    deadlines: Deadlines | None = None,
 ) -> tuple[Connection, dict[str, Any]]:
-    """Check a client's proof of the secret; the caller sends WELCOME or REJECT after."""
+    """Check a client's proof of the secret; the caller sends WELCOME or REJECT after.
+
+    A HELLO whose tag fails is answered with REJECT under our key, which the client cannot
+    verify either: that is how a worker with the wrong secret learns so at once."""
+    deadlines = deadlines or Deadlines()
     c2s, s2c = _handshake_keys(secret)
-    conn = Connection(sock, s2c, c2s, max_frame, peer)
-    hello = conn.expect(MsgType.HELLO).meta
+    conn = Connection(sock, s2c, c2s, max_frame, peer, deadlines)
+    _handshaking(conn, deadlines.handshake)
+    try:
+        hello = conn.expect(MsgType.HELLO).meta
+    except BadTag:
+        with contextlib.suppress(ProtocolError):
+            conn.send(MsgType.REJECT, {"reason": "authentication failed: wrong cluster secret"})
+        raise
     nonce_c = _nonce(hello, "nonce")
     nonce_s = os.urandom(NONCE_LEN)
     conn.send(MsgType.CHALLENGE, {"nonce": nonce_s.hex()})
     proof = conn.expect(MsgType.AUTH).meta.get("proof")
-    if not isinstance(proof, str) or not hmac.compare_digest(
+    if not (isinstance(proof, str) and proof.isascii()) or not hmac.compare_digest(
         proof, _proof(secret, nonce_c, nonce_s)
     ):
         raise ProtocolError("authentication failed (wrong cluster secret?)")
     send_key, recv_key = _session_keys(secret, nonce_c, nonce_s)[::-1]
     conn.rekey(send_key, recv_key)
+    _session(conn)
     return conn, hello

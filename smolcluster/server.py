@@ -1,8 +1,9 @@
 """The parameter server: admits authenticated workers and drives synchronous training.
 
 Threads: one accepts connections, one per connection authenticates and then reads frames into
-the event queue. Only the main thread changes training state or sends, so a broken peer can
-only ever close its own connection.
+the event queue (smolcluster.listener). Only the main thread changes training state or sends,
+and every send and read has a deadline (smolcluster.protocol), so a broken peer can only ever
+close its own connection.
 """
 
 from __future__ import annotations
@@ -26,18 +27,19 @@ from smolcluster import checkpoint, quantize
 from smolcluster.balance import Balancer
 from smolcluster.config import Settings
 from smolcluster.data import evaluate
+from smolcluster.listener import Listener, raise_file_limit
 from smolcluster.metrics import Metrics, run_name
 from smolcluster.plan import Plan, load_test, load_train, make_plan, shard_loader
 from smolcluster.protocol import (
     FLAG_INT8,
     Connection,
+    Deadlines,
     Frame,
     MsgType,
     PeerClosed,
     ProtocolError,
     payload_digest,
     read_secret,
-    server_handshake,
 )
 from smolcluster.replica import Replica
 
@@ -93,8 +95,9 @@ class Server:
         self.lock = threading.Lock()
         self.checksum_mismatches = 0
         self.stopping = threading.Event()
-        self.terminate = threading.Event()  # SIGTERM: checkpoint at the next boundary, exit
-        self.listener: socket.socket | None = None
+        self.terminate = threading.Event()  # SIGTERM/SIGINT: checkpoint and exit
+        self.listener: Listener | None = None
+        self.payload_limits: dict[MsgType, int] = {}  # what a worker's frames may carry
         # Progress that a checkpoint carries across a restart.
         self.step = 0  # sync: optimizer steps taken; elastic: global version
         self.samples_merged = 0
@@ -111,37 +114,25 @@ class Server:
 
     # -- connections ---------------------------------------------------------------------------
     def listen(self) -> None:
+        raise_file_limit()
         sock = socket.create_server((self.cfg.bind_address, self.cfg.port), reuse_port=False)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener = sock
-        threading.Thread(target=self._accept_loop, name="accept", daemon=True).start()
+        self.listener = Listener(
+            sock,
+            self.secret,
+            self.cfg.max_frame_bytes,
+            deadlines(self.settings),
+            self.cfg.max_handshakes,
+            self.cfg.max_handshakes_per_address,
+            self._serve_connection,
+        )
+        self.listener.start()
         log.info("listening on %s:%d", self.cfg.bind_address, self.cfg.port)
 
-    def _accept_loop(self) -> None:
-        assert self.listener is not None
-        while not self.stopping.is_set():
-            try:
-                sock, address = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(
-                target=self._serve_connection,
-                args=(sock, address),
-                name=f"peer-{address[0]}:{address[1]}",
-                daemon=True,
-            ).start()
-
-    def _serve_connection(self, sock: socket.socket, address: tuple[str, int]) -> None:
-        where = f"{address[0]}:{address[1]}"
-        sock.settimeout(self.cfg.handshake_timeout_s)
-        try:
-            conn, hello = server_handshake(sock, self.secret, self.cfg.max_frame_bytes, where)
-            peer = self._admit(conn, hello)
-        except ProtocolError as exc:
-            log.warning("refused connection from %s: %s", where, exc)
-            sock.close()
-            return
-        sock.settimeout(None)
+    def _serve_connection(self, conn: Connection, hello: dict[str, Any], where: str) -> None:
+        """An authenticated connection: admit it, then hand its frames to the main thread."""
+        peer = self._admit(conn, hello)
+        conn.limit_payloads(self.payload_limits)
         self.events.put(Joined(peer))
         reason = "left"
         try:
@@ -152,10 +143,12 @@ class Server:
                     continue
                 self.events.put(Received(peer, frame))
                 if frame.type in (MsgType.BYE, MsgType.ERROR):
-                    reason = frame.meta.get("reason", "said goodbye")
+                    reason = str(frame.meta.get("reason", "said goodbye"))
                     break
         except ProtocolError as exc:
             reason = str(exc)
+        except Exception as exc:  # bytes we did not foresee end this connection, nothing else
+            reason = f"{type(exc).__name__}: {exc}"
         finally:
             with self.lock:
                 self.hosts_connected.discard(peer.host)
@@ -251,7 +244,10 @@ class Server:
             balance=cfg.balance,
             resumed_at=self.step if resume else None,
         )
-        signal.signal(signal.SIGTERM, lambda *_: self.terminate.set())
+        # Every part of the run waits through next_event, which honours these at once.
+        self.payload_limits = {MsgType.GRADS: replica.nbytes, MsgType.PUSH: replica.nbytes}
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: self.terminate.set())
         self.listen()
         try:
             self._wait_for_workers()
@@ -263,7 +259,7 @@ class Server:
                 self._train(plan, replica, own, metrics)
         except Terminated:
             self._checkpoint(replica)
-            log.warning("stopped by SIGTERM at step %d; checkpoint saved", self.step)
+            log.warning("stopped by SIGTERM/SIGINT at step %d; checkpoint saved", self.step)
             metrics.close()
             return 0
         finally:
@@ -346,6 +342,20 @@ class Server:
             ", ".join(state["members"]) or "none",
         )
 
+    def next_event(self, timeout: float) -> Joined | Received | Gone | None:
+        """The next event within `timeout` s (None if none came); raises Terminated as soon as
+        SIGTERM or SIGINT arrive, so no wait outlasts them."""
+        deadline = time.monotonic() + timeout
+        while not self.terminate.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            try:
+                return self.events.get(timeout=min(left, 0.2))
+            except queue.Empty:
+                continue
+        raise Terminated
+
     def boundary(self, replica: Replica) -> None:
         """Between steps: checkpoint on schedule; honour SIGTERM."""
         if self.terminate.is_set():
@@ -359,9 +369,8 @@ class Server:
         # because anyone may join later at no cost to the others.
         wanted = self.cfg.min_workers if self.cfg.mode == "elastic" else self.cfg.num_workers
         while len(self.pending) < wanted:
-            try:
-                event = self.events.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
+            event = self.next_event(deadline - time.monotonic())
+            if event is None:
                 break
             self._handle_membership(event)
         if len(self.pending) < self.cfg.min_workers:
@@ -522,9 +531,8 @@ class Server:
         expected_checksum = replica.checksum() if step % self.cfg.checksum_interval == 0 else None
         deadline = time.monotonic() + self.cfg.step_timeout_s
         while any(p not in answered for p in self.active):
-            try:
-                event = self.events.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
+            event = self.next_event(deadline - time.monotonic())
+            if event is None:
                 for peer in [p for p in self.active if p not in answered]:
                     self.drop(
                         peer, f"no gradients for step {step} within {self.cfg.step_timeout_s:.0f} s"
@@ -622,10 +630,9 @@ class Server:
         log.warning(
             "no workers left; waiting up to %.0f s for one to join", self.cfg.join_timeout_s
         )
-        try:
-            event = self.events.get(timeout=self.cfg.join_timeout_s)
-        except queue.Empty:
-            raise RuntimeError("every worker is gone and none came back") from None
+        event = self.next_event(self.cfg.join_timeout_s)
+        if event is None:
+            raise RuntimeError("every worker is gone and none came back")
         self._handle_membership(event)
 
     def _await_goodbyes(self, timeout: float = 5.0) -> None:
@@ -686,6 +693,11 @@ class Evaluator:
             val_loss,
             accuracy,
         )
+
+
+def deadlines(settings: Settings) -> Deadlines:
+    cfg = settings.cluster
+    return Deadlines(cfg.handshake_timeout_s, cfg.frame_timeout_s, cfg.send_timeout_s)
 
 
 def _flat_config(settings: Settings) -> dict[str, Any]:

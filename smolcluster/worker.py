@@ -2,8 +2,9 @@
 
 The server decides everything about the run (start step, weights, optimizer state, the end);
 the worker only computes gradients on its shard and applies the averages it gets back. If the
-connection breaks it dials again with backoff and the server resynchronizes it at a step
-boundary.
+connection breaks, stalls past a deadline or carries garbage, it dials again with backoff and
+the server resynchronizes it at a step boundary; only a refusal (REJECT, ERROR, or a server
+that holds another secret) ends it.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from smolcluster.plan import load_train, make_plan, shard_loader
 from smolcluster.protocol import (
     FLAG_INT8,
     Connection,
+    Deadlines,
     MsgType,
-    PeerClosed,
     ProtocolError,
+    Refused,
     client_handshake,
     read_secret,
 )
@@ -63,6 +65,8 @@ class Worker:
         delay = min(0.2, self.cfg.connect_backoff_s)
         target = (self.server_address, self.cfg.port)
         last_error: Exception | None = None
+        cfg = self.cfg
+        deadlines = Deadlines(cfg.handshake_timeout_s, cfg.frame_timeout_s, cfg.send_timeout_s)
         for attempt in range(1, self.cfg.connect_retries + 1):
             try:
                 sock = socket.create_connection(target, timeout=self.cfg.handshake_timeout_s)
@@ -72,15 +76,13 @@ class Worker:
                     {"host": self.host, "rank": self.rank, "role": "worker", "mode": self.cfg.mode},
                     self.cfg.max_frame_bytes,
                     f"{target[0]}:{target[1]}",
+                    deadlines,
                 )
-                sock.settimeout(None)
                 log.info("connected to %s:%d as %s (rank %d)", *target, self.host, self.rank)
                 return conn
-            except PeerClosed as exc:
-                last_error = exc
-            except ProtocolError:
-                raise  # refused or wrong secret: retrying cannot help
-            except OSError as exc:
+            except Refused:
+                raise  # refused, or another secret: retrying cannot help
+            except (ProtocolError, OSError) as exc:  # gone, restarting, or not a server of ours
                 last_error = exc
             if attempt == 1 or attempt % 10 == 0:
                 log.info("server %s:%d not reachable (%s); retrying", *target, last_error)
@@ -127,13 +129,30 @@ class Worker:
             workers=self.cfg.num_workers,
             total_steps=plan.total_steps,
         )
+        failures = 0  # sessions in a row that ended without a step
         try:
             while True:
                 conn = self.connect()
+                conn.limit_payloads(
+                    {
+                        MsgType.START: 3 * replica.nbytes,
+                        MsgType.AVERAGE: replica.nbytes,
+                        MsgType.WEIGHTS: replica.nbytes,
+                    }
+                )
+                # Before START the server may wait join_timeout_s for the others; a server
+                # silent for longer than that and a step is gone.
+                conn.idle_timeout = self.cfg.join_timeout_s + self.cfg.step_timeout_s + 30
+                steps = self.steps
                 try:
                     finished = self._session(conn, plan, loader, replica, metrics)
-                except PeerClosed as exc:  # a failed read or write, timeouts included
-                    log.warning("lost the server (%s); reconnecting", exc)
+                except Refused:
+                    raise
+                except ProtocolError as exc:  # lost, stalled past a deadline, or garbage
+                    failures = 1 if self.steps > steps else failures + 1
+                    delay = min(0.2 * 2 ** (failures - 1), self.cfg.connect_backoff_s)
+                    log.warning("lost the server (%s); reconnecting in %.1f s", exc, delay)
+                    time.sleep(delay)
                     continue
                 finally:
                     self.bytes_sent += conn.bytes_sent
@@ -166,7 +185,7 @@ class Worker:
                 from smolcluster.elastic import ElasticSession
 
                 log.info("joined at global version %d", frame.meta["version"])
-                conn.sock.settimeout(self.cfg.step_timeout_s + 30)
+                conn.idle_timeout = self.cfg.step_timeout_s + 30
                 session = ElasticSession(
                     conn, frame, self.cfg, loader, replica, self.throttle_s, self
                 )
@@ -176,13 +195,17 @@ class Worker:
                 return True
             if frame.type == MsgType.START:
                 # From here a reply that takes far longer than a step means a dead path.
-                conn.sock.settimeout(self.cfg.step_timeout_s + 30)
-                step = frame.meta["step"]
+                conn.idle_timeout = self.cfg.step_timeout_s + 30
+                step, optimizer_step = frame.meta.get("step"), frame.meta.get("optimizer_step")
+                if not (isinstance(step, int) and isinstance(optimizer_step, int)):
+                    raise ProtocolError(f"START without a valid step: {step!r}")
+                if frame.payload.nbytes != 3 * replica.nbytes:
+                    raise ProtocolError(f"START of {frame.payload.nbytes} bytes")
                 state = torch.frombuffer(frame.payload, dtype=torch.float32)
-                replica.load_state_buffer(state, frame.meta["optimizer_step"])
+                replica.load_state_buffer(state, optimizer_step)
                 self._assigned = _assignment(frame.meta)
                 self._cover = self._cover_of(frame.meta)
-                log.info("synchronized at step %d of %d", step, frame.meta["total_steps"])
+                log.info("synchronized at step %d of %s", step, frame.meta.get("total_steps"))
             elif frame.type == MsgType.AVERAGE:
                 if frame.meta.get("step") != step:
                     raise ProtocolError(
@@ -203,7 +226,7 @@ class Worker:
                 )
                 return True
             elif frame.type == MsgType.ERROR:
-                raise ProtocolError(f"server reported: {frame.meta.get('reason')}")
+                raise Refused(f"server reported: {frame.meta.get('reason')}")
             else:
                 raise ProtocolError(f"unexpected {frame.type.name}")
             self._send_gradients(conn, step, plan, loader, replica, metrics)

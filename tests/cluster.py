@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -95,11 +96,18 @@ class LocalCluster:
             *extra,
         ]
 
-    def spawn(self, name: str, role: str, *extra: str) -> subprocess.Popen:
+    def spawn(
+        self, name: str, role: str, *extra: str, preexec_fn: Callable[[], None] | None = None
+    ) -> subprocess.Popen:
         log = (self.dir / f"{name}.log").open("ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         proc = subprocess.Popen(
-            self.command(role, *extra), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.dir
+            self.command(role, *extra),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=self.dir,
+            preexec_fn=preexec_fn,
         )
         self.procs[name] = proc
         return proc
