@@ -11,6 +11,7 @@ the index URLs come from pip's configuration, else pip's own default.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import re
@@ -224,8 +225,8 @@ def _download(item: IndexFile, cache: Path) -> Path:
             )
         os.replace(tmp, target)
         return target
-    except OSError as e:  # includes http.client.IncompleteRead's siblings and socket errors
-        raise MirrorError(f"{item.filename}: download failed: {e}; removed") from e
+    except (OSError, http.client.HTTPException) as e:  # socket errors, IncompleteRead
+        raise MirrorError(f"{item.filename}: download failed: {e!r}; removed") from e
     finally:
         tmp.unlink(missing_ok=True)
 
