@@ -67,6 +67,8 @@ class CallbackModule(DefaultCallback):
                 except (ValueError, AttributeError):
                     continue
                 if text and text != self._last_progress:
+                    if self._last_task_banner != result.task._uuid:
+                        self._print_task_banner(result.task)
                     self._last_progress = text
                     self._display.display(f"  [{result.host.get_name()}] {text}", color="cyan")
             return
