@@ -213,6 +213,7 @@ def render_png(runs: list[HostRun], out: Path) -> Path:
     for y, rate in enumerate(rates):
         rate_ax.text(rate, y, f" {rate:.0f}", va="center", fontsize=9)
     rate_ax.set(title="samples/s per worker (its whole job)", xlabel="samples/s")
+    rate_ax.set_xlim(0, max(rates, default=0) * 1.18 or 1)
     rate_ax.invert_yaxis()
 
     split = [(w.compute_s, w.send_s, w.wait_s) for w in workers]
@@ -257,7 +258,7 @@ def render_png(runs: list[HostRun], out: Path) -> Path:
             notes.append(f"{run.host}: no metrics: its job died before training{ended}")
         elif run.summary is None:
             notes.append(f"{run.host}: no summary: its job ended early{ended}")
-    note_ax.set_title("membership changes and jobs that ended early", loc="left")
+    note_ax.set_title("joins, drops, early exits", loc="left")
     note_ax.text(0, 1, "\n".join(notes[:18]), va="top", family="monospace", fontsize=9,
                  transform=note_ax.transAxes)  # fmt: skip
 
