@@ -32,6 +32,8 @@ class HostRun:
     # Server: who answered each step (sync) or how many were active (elastic).
     members: list[tuple[int, frozenset[str] | int]] = field(default_factory=list)
     metrics: bool = True  # False: the host's directory holds no <host>.jsonl (died early)
+    samples: int = 0  # summed over step events, for a job that ended without a summary
+    last_step: dict[str, Any] = field(default_factory=dict)
     exit_code: str | None = None
 
 
@@ -91,6 +93,8 @@ def _step(run: HostRun, event: dict[str, Any]) -> None:
         elif isinstance(event.get("workers"), int):
             run.members.append((step, event["workers"]))
         return
+    run.last_step = event
+    run.samples += event.get("samples") or 0
     compute, wait, total = event.get("compute_s"), event.get("wait_s"), event.get("step_time_s")
     if isinstance(compute, int | float):
         run.compute_s += compute
@@ -207,8 +211,8 @@ def render_png(runs: list[HostRun], out: Path) -> Path:
         _mark_changes(ax, changes)
         ax.grid(alpha=0.3)
 
-    names = [w.host for w in workers]
-    rates = [(w.summary or {}).get("samples_per_s") or 0.0 for w in workers]
+    names = [w.host if w.summary else f"{w.host} (ended early)" for w in workers]
+    rates = [_rate(w) for w in workers]
     rate_ax.barh(names, rates, color="tab:purple")
     for y, rate in enumerate(rates):
         rate_ax.text(rate, y, f" {rate:.0f}", va="center", fontsize=9)
@@ -236,7 +240,7 @@ def render_png(runs: list[HostRun], out: Path) -> Path:
     time_ax.set(title="where each worker's time went (sync steps)", xlabel="seconds")
 
     hosts = [r.host for r in sorted(runs, key=lambda r: (r.role != "server", r.host)) if r.metrics]
-    by_host = {r.host: r.summary or {} for r in runs}
+    by_host = {r.host: r.summary or r.last_step for r in runs}
     sent = [by_host[h].get("bytes_sent", 0) / 1e6 for h in hosts]
     recv = [by_host[h].get("bytes_recv", 0) / 1e6 for h in hosts]
     ys = range(len(hosts))
@@ -267,6 +271,14 @@ def render_png(runs: list[HostRun], out: Path) -> Path:
     fig.savefig(out, dpi=90)
     plt.close(fig)
     return out
+
+
+def _rate(run: HostRun) -> float:
+    """samples/s of the whole job: its summary, else its steps up to the last one it logged."""
+    if run.summary and run.summary.get("samples_per_s") is not None:
+        return float(run.summary["samples_per_s"])
+    wall = run.last_step.get("wall")
+    return run.samples / wall if isinstance(wall, int | float) and wall > 0 else 0.0
 
 
 COLORS = {"drop": "tab:red", "join": "tab:green", "rejoin": "tab:olive"}
