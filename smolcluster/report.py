@@ -212,10 +212,12 @@ def render_png(runs: list[HostRun], out: Path) -> Path:
         ax.grid(alpha=0.3)
 
     names = [w.host if w.summary else f"{w.host} (ended early)" for w in workers]
-    rates = [_rate(w) for w in workers]
+    known = [_rate(w) for w in workers]
+    rates = [rate or 0.0 for rate in known]
     rate_ax.barh(names, rates, color="tab:purple")
-    for y, rate in enumerate(rates):
-        rate_ax.text(rate, y, f" {rate:.0f}", va="center", fontsize=9)
+    for y, rate in enumerate(known):
+        label = " unknown (no summary)" if rate is None else f" {rate:.0f}"
+        rate_ax.text(rate or 0.0, y, label, va="center", fontsize=9)
     rate_ax.set(title="samples/s per worker (its whole job)", xlabel="samples/s")
     rate_ax.set_xlim(0, max(rates, default=0) * 1.18 or 1)
     rate_ax.invert_yaxis()
@@ -273,12 +275,14 @@ def render_png(runs: list[HostRun], out: Path) -> Path:
     return out
 
 
-def _rate(run: HostRun) -> float:
+def _rate(run: HostRun) -> float | None:
     """samples/s of the whole job: its summary, else its steps up to the last one it logged."""
     if run.summary and run.summary.get("samples_per_s") is not None:
         return float(run.summary["samples_per_s"])
     wall = run.last_step.get("wall")
-    return run.samples / wall if isinstance(wall, int | float) and wall > 0 else 0.0
+    if run.samples and isinstance(wall, int | float) and wall > 0:
+        return run.samples / wall
+    return None  # an elastic worker's steps carry no sample counts
 
 
 COLORS = {"drop": "tab:red", "join": "tab:green", "rejoin": "tab:olive"}
