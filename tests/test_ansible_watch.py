@@ -9,7 +9,7 @@ import textwrap
 from pathlib import Path
 
 from smolcluster.report import load_run, summary_lines
-from smolcluster.watch import proxy_command, ssh_settings
+from smolcluster.watch import Progress, proxy_command, ssh_settings
 
 EVENTS = [
     {"event": "start", "role": "server", "host": "mini1", "total_steps": 3, "time": 0},
@@ -52,8 +52,8 @@ def test_watch_follows_until_summary(tmp_path: Path) -> None:
         writer.wait(timeout=30)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].startswith("step 1/3 epoch 0 loss 2.3000")
-    assert "accuracy 0.6100" in lines[3]
+    assert lines[0].startswith("step 1/3  epoch 1  loss 2.3000")
+    assert "accuracy 0.6100 (step 2)" in lines[3]
     assert lines[-1].startswith("done: 3 steps, accuracy 0.7000")
 
 
@@ -109,3 +109,51 @@ def test_report_summary_and_png(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_progress_line_has_rate_slowest_and_eta() -> None:
+    progress = Progress()
+    progress.update({"event": "start", "mode": "sync", "total_steps": 100})
+    for step in range(1, 11):  # 64 samples per step, one step per 0.5 s, pi4 last 7 times of 10
+        last = "pi4" if step % 3 else "mini2"
+        order = {"mini2": 32, "pi4": 32} if last == "pi4" else {"pi4": 32, "mini2": 32}
+        line = progress.update(
+            {"event": "step", "step": step, "epoch": 0, "loss": 1.0 / step, "samples": 64,
+             "batch_sizes": order, "wall": 0.5 * step}
+        )  # fmt: skip
+    assert line is not None
+    assert line.startswith("step 10/100  epoch 1  loss 0.1000  accuracy -")
+    assert "128 samples/s" in line and "slowest pi4" in line and "ETA 45s" in line
+    line = progress.update({"event": "eval", "step": 10, "val_accuracy": 0.9123})
+    assert line is not None and "accuracy 0.9123 (step 10)" in line
+
+
+def test_report_marks_drops_and_rejoins(tmp_path: Path) -> None:
+    members = [["a", "b"], ["a", "b"], ["a"], ["a"], ["b", "a"], ["a", "b", "c"]]
+    events = [{"event": "start", "role": "server", "mode": "sync", "workers": 2,
+               "dataset": "full MNIST from the package index", "total_steps": 6}]  # fmt: skip
+    events += [
+        {"event": "step", "step": i + 1, "loss": 1.0, "batch_sizes": dict.fromkeys(m, 32)}
+        for i, m in enumerate(members)
+    ]
+    worker = [{"event": "start", "role": "worker"}]
+    worker += [{"event": "step", "step": i, "compute_s": 0.5, "wait_s": 0.2, "step_time_s": 1.0}
+               for i in range(4)]  # fmt: skip
+    (tmp_path / "a").mkdir()
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "s.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    (tmp_path / "a" / "a.jsonl").write_text("".join(json.dumps(e) + "\n" for e in worker))
+    runs = load_run(tmp_path)
+    assert [line for line in summary_lines(runs) if line.startswith("membership")] == [
+        "membership: step 3 drop b",
+        "membership: step 5 rejoin b",
+        "membership: step 6 join c",
+    ]
+    a = next(r for r in runs if r.host == "a")
+    assert (round(a.compute_s, 6), round(a.send_s, 6), round(a.wait_s, 6)) == (2.0, 1.2, 0.8)
+    result = subprocess.run(
+        [sys.executable, "-m", "smolcluster.report", str(tmp_path)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "report.png").stat().st_size > 10_000
