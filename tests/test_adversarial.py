@@ -428,6 +428,16 @@ def test_a_server_under_attack_trains_on(tmp_path: Path, offline_digits_root: Pa
     for host in ("mini2", "mini3"):
         assert summary["workers"][host]["connections"] == 1
         assert summary["workers"][host]["steps"] == 70
+    # The same accuracy as without the attacks: the one-process run of the same plan (every
+    # step's samples, no network, no attacker) ends where the attacked run ends; the honest
+    # workers covered the insiders' shards once they were dropped.
+    baseline = cluster.spawn("local", "local")
+    assert baseline.wait(timeout=300) == 0, cluster.log("local")
+    unattacked = cluster.summary("local")["final_accuracy"]
+    assert abs(summary["final_accuracy"] - unattacked) <= 0.015, (
+        summary["final_accuracy"],
+        unattacked,
+    )
 
 
 @pytest.mark.slow
