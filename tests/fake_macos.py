@@ -14,6 +14,7 @@ the login user is not root, so a task that forgets `become` fails here too.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import plistlib
@@ -339,14 +340,17 @@ def main(argv: list[str]) -> int:
     if tool == "sudo":
         return sudo(args)
     path = state_dir / "state.json"
-    state = json.loads(path.read_text())
-    try:
-        out = TOOL_FUNCS[tool](state, args)
-    except Exit as exc:
-        sys.stdout.write(exc.out)
-        sys.stderr.write(exc.err)
-        return exc.code
-    path.write_text(json.dumps(state, indent=1))
+    # Two hosts may run a tool at once, as two Macs would each have their own: one at a time.
+    with (state_dir / "lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        state = json.loads(path.read_text())
+        try:
+            out = TOOL_FUNCS[tool](state, args)
+        except Exit as exc:
+            sys.stdout.write(exc.out)
+            sys.stderr.write(exc.err)
+            return exc.code
+        path.write_text(json.dumps(state, indent=1))
     sys.stdout.write(out)
     return 0
 
