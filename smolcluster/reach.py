@@ -93,7 +93,7 @@ def check_listen(host: str, bind: tuple[str, int], self_address: str | None = No
         try:
             with socket.create_connection((target, bind[1]), timeout=3.0):
                 conn, _ = server.accept()
-                conn.close()
+            conn.close()  # after the client: TIME_WAIT stays on its side, not on the port
         except TimeoutError as exc:
             raise Unreachable(
                 host, "accept on", f"{target}:{bind[1]}", OSError(errno.ETIMEDOUT, "timed out")
