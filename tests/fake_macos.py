@@ -305,8 +305,15 @@ def dseditgroup(state: dict[str, Any], argv: list[str]) -> str:
 
 def route(state: dict[str, Any], argv: list[str]) -> str:
     if argv == ["-n", "get", "default"]:
+        # The metrics row moves between calls (rtt), as on a live Mac; gateway and interface don't.
+        state["route_calls"] = state.get("route_calls", 0) + 1
         return (
-            "   route to: default\ndestination: default\n    gateway: 192.0.2.1\n  interface: en1\n"
+            "   route to: default\ndestination: default\n       mask: default\n"
+            "    gateway: 192.0.2.1\n  interface: en1\n"
+            "      flags: <UP,GATEWAY,DONE,STATIC,PRCLONING,GLOBAL>\n"
+            " recvpipe  sendpipe  ssthresh  rtt,msec    rttvar  hopcount      mtu     expire\n"
+            f"       0         0         0  {state['route_calls']:8d}         0         0      1500"
+            "         0\n"
         )
     raise Exit(1, err="route: only -n get default in this fake\n")
 
