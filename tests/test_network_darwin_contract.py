@@ -26,6 +26,18 @@ SERVICES_LIST = (
     "An asterisk (*) denotes that a network service is disabled.\n"
     "Wi-Fi\nThunderbolt Bridge\nUSB 10/100/1000 LAN\n"
 )
+# networksetup -listallhardwareports / -listnetworkserviceorder on a mini with a USB dongle.
+HARDWARE_PORTS = "".join(
+    f"\nHardware Port: {port}\nDevice: {dev}\nEthernet Address: N/A\n"
+    for port, dev in [("Wi-Fi", "en1"), ("Thunderbolt 1", "en2"), ("Thunderbolt 2", "en3"),
+                      ("Thunderbolt Bridge", "bridge0"), ("USB 10/100/1000 LAN", "en5")]
+)  # fmt: skip
+SERVICE_ORDER = (
+    "An asterisk (*) denotes that a network service is disabled.\n"
+    "(1) Wi-Fi\n(Hardware Port: Wi-Fi, Device: en1)\n\n"
+    "(2) Thunderbolt Bridge\n(Hardware Port: Thunderbolt Bridge, Device: bridge0)\n\n"
+    "(3) USB 10/100/1000 LAN\n(Hardware Port: USB 10/100/1000 LAN, Device: en5)\n"
+)
 DHCP_INFO = (
     "DHCP Configuration\nIP address: 169.254.10.20\nSubnet mask: 255.255.0.0\nRouter: (null)\n"
 )
@@ -84,6 +96,8 @@ def fresh() -> dict:
     """A Mac out of the box: services on DHCP/link-local, no extra routes, no forwarding."""
     return {
         "services_list": SERVICES_LIST,
+        "hardware_ports": HARDWARE_PORTS,
+        "service_order": SERVICE_ORDER,
         "forwarding": "0",
         "services": {
             "Thunderbolt Bridge": {"getinfo": DHCP_INFO, "routes": NO_ROUTES},
@@ -100,6 +114,8 @@ def configured(host: str) -> dict:
     assert bits == "24"
     return {
         "services_list": SERVICES_LIST,
+        "hardware_ports": HARDWARE_PORTS,
+        "service_order": SERVICE_ORDER,
         "forwarding": "1",
         "services": {
             "Thunderbolt Bridge": {
@@ -184,7 +200,7 @@ def plans(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[str]]:
         slug(name): {**local, **HOSTS[host], "network_darwin_observed": observed, **extra}
         for name, (host, observed, extra) in SCENARIOS.items()
     }
-    hosts["mini1_restore"] = {**local, **HOSTS["mini1"], "network_saved": fresh()}
+    hosts["mini1_restore"] = {**local, **HOSTS["mini1"], "network__saved": fresh()}
     inventory = {
         "all": {
             "children": {
@@ -217,8 +233,8 @@ def plans(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[str]]:
         }
 
     playbook = [
-        play("plan", "darwin_plan.yml", "network_darwin_commands"),
-        play("restore", "restore-Darwin.yml", "network_darwin_restore_commands"),
+        play("plan", "darwin_plan.yml", "network__darwin_commands"),
+        play("restore", "restore-Darwin.yml", "network__darwin_restore_commands"),
     ]
     (tmp / "plan.yml").write_text(yaml.safe_dump(playbook, sort_keys=False))
     env = {**os.environ, "ANSIBLE_ROLES_PATH": str(REPO / "roles"), "ANSIBLE_NOCOLOR": "1"}

@@ -36,6 +36,11 @@ def run_role(tmp_path: Path, host_vars: dict) -> subprocess.CompletedProcess[str
                     "ansible_connection": "local",
                     "ansible_python_interpreter": sys.executable,
                     "network_darwin_plan_only": True,
+                    # The Mac has the service the links name (darwin_services.yml checks it).
+                    "network_darwin_observed": {
+                        "services_list": "An asterisk (*) denotes that a network service is "
+                        "disabled.\nThunderbolt Bridge\n"
+                    },
                     **host_vars,
                 }
             }

@@ -305,6 +305,83 @@ def parse_services(text: str) -> dict[str, bool]:
     return services
 
 
+def parse_hardware_ports(text: str) -> dict[str, str]:
+    """`networksetup -listallhardwareports` -> {hardware port: device}, e.g. Ethernet: en0."""
+    ports: dict[str, str] = {}
+    port = None
+    for raw in text.splitlines():
+        key, _, value = raw.partition(":")
+        if key.strip() == "Hardware Port":
+            port = value.strip()
+            ports[port] = ""
+        elif key.strip() == "Device" and port is not None:
+            ports[port] = value.strip()
+    return ports
+
+
+_ORDER_PORT = re.compile(r"^\(Hardware Port: (.*), Device: (.*)\)$")
+_ORDER_NAME = re.compile(r"^\((?:\d+|\*)\)\s+(.*)$")
+
+
+def parse_service_order(text: str) -> dict[str, str]:
+    """`networksetup -listnetworkserviceorder` -> {service: its hardware port}."""
+    order: dict[str, str] = {}
+    name = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if found := _ORDER_NAME.match(line):
+            name = found.group(1).lstrip("*").strip()
+        elif (found := _ORDER_PORT.match(line)) and name is not None:
+            order[name] = found.group(1)
+            name = None
+    return order
+
+
+def darwin_interfaces(
+    observed: Mapping[str, Any],
+    interfaces: list[Mapping[str, Any]],
+    mode: str = "bridge",
+    routes: list[Mapping[str, Any]] | None = None,
+) -> dict[str, list[Any]]:
+    """Name each link's service from what the Mac has, before anything changes.
+
+    A link names a service (`macos_service`), a hardware port (`macos_hardware_port`, e.g.
+    "Thunderbolt 1", "USB 10/100/1000 LAN"), or both. A port resolves to the service on it;
+    in p2p mode a port without a service gets one (darwin_plan creates it). Anything else is
+    an error naming the link, the name and what this Mac does have.
+    """
+    services = parse_services(observed.get("services_list", ""))
+    ports = parse_hardware_ports(observed.get("hardware_ports", ""))
+    on_port = parse_service_order(observed.get("service_order", ""))
+    resolved: list[Any] = []
+    errors: list[str] = []
+    have = (
+        f"this Mac has services: {', '.join(services) or 'none'}; "
+        f"hardware ports: {', '.join(ports) or 'none'}"
+    )
+    for iface in interfaces:
+        item = dict(iface)
+        svc, port = item.get("macos_service"), item.get("macos_hardware_port")
+        if not svc and port:
+            svc = next((s for s, p in on_port.items() if p == port), None)
+            if svc is None and mode == "p2p" and port in ports:
+                svc = port
+            if svc is None:
+                errors.append(f"{item['link']}: macos_hardware_port {port!r} not found; {have}")
+                continue
+            item["macos_service"] = svc
+        elif svc and svc not in services:
+            if not (mode == "p2p" and (port or svc) in ports):
+                errors.append(f"{item['link']}: macos_service {svc!r} not found; {have}")
+                continue
+        resolved.append(item)
+    for route in routes or []:
+        svc = route.get("macos_service")
+        if svc and svc not in services and svc not in [i["macos_service"] for i in resolved]:
+            errors.append(f"route to {route['to']}: macos_service {svc!r} not found; {have}")
+    return {"interfaces": resolved, "errors": errors}
+
+
 def _route_triple(route: Mapping[str, Any]) -> Triple:
     net = ipaddress.IPv4Network(str(route["to"]))
     return (str(net.network_address), str(net.netmask), str(route["via"]))
@@ -533,6 +610,7 @@ class FilterModule:
             "network_nmcli_priority": nmcli_priority,
             "network_darwin_plan": darwin_plan,
             "network_darwin_restore_plan": darwin_restore_plan,
+            "network_darwin_interfaces": darwin_interfaces,
             "network_verify_targets": verify_targets,
             "network_observed_service": observed_service,
             "network_default_routes": default_routes,
