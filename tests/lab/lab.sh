@@ -456,8 +456,9 @@ cmd_down() {
   for n in $(lab_namespaces); do
     ip netns del "$n" || log "could not delete $n"
   done
-  if mountpoint -q "$NSPAWN_RUN" && [[ -z "$(ls -A "$NSPAWN_RUN" 2>/dev/null)" ]]; then
-    umount "$NSPAWN_RUN" 2>/dev/null || true
+  # Our own tmpfs (see ensure_nspawn_run) goes too; nspawn leaves lock directories in it.
+  if [[ "$(findmnt -n -o SOURCE "$NSPAWN_RUN" 2>/dev/null)" == smolcluster-lab ]]; then
+    umount "$NSPAWN_RUN" || log "could not unmount $NSPAWN_RUN"
   fi
   [[ -z "$(lab_namespaces)" ]] || die "namespaces left: $(lab_namespaces | xargs)"
   [[ -z "$(lab_mounts)" ]] || die "mounts left: $(lab_mounts | xargs)"

@@ -277,6 +277,8 @@ def lab(lab_phase_times: dict[str, tuple[float, str]]) -> Iterator[dict[str, obj
         assert down.returncode == 0, down.stderr
         assert lab_namespaces() == []
         assert lab_mounts() == []
+        # ... nor the tmpfs up mounted for systemd-nspawn's own state.
+        assert " /run/systemd/nspawn " not in Path("/proc/mounts").read_text()
 
 
 def test_lab_refuses_a_second_start(lab: dict[str, object]) -> None:
