@@ -6,14 +6,13 @@ before the preflight play (or, for inventory values, in it), so no job ever star
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.ansible_helpers import REPO, playbook, scratch_checkout, show
+from tests.ansible_helpers import REPO, load_plugin, playbook, scratch_checkout, show
 
 BAD_OVERRIDES = {
     "epochs": ("abc", "must be an integer ≥ 1"),
@@ -111,11 +110,7 @@ def test_inventory_mistake_is_one_line_once(
 
 
 def test_good_overrides_pass_the_check() -> None:
-    path = REPO / "ansible" / "plugins" / "filter" / "smolcluster_checks.py"
-    spec = importlib.util.spec_from_file_location("smolcluster_checks", path)
-    assert spec is not None and spec.loader is not None
-    checks = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(checks)
+    checks = load_plugin(REPO / "ansible" / "plugins" / "filter" / "smolcluster_checks.py")
     good = {
         "epochs": "2", "batch_size": 64, "lr": "0.01", "lr_schedule": "cosine", "max_steps": "0",
         "eval_steps": "10", "mode": "elastic", "workers": "mini2, mini3",

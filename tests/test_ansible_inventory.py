@@ -3,7 +3,6 @@ inventory's addresses resolve as documented (read with ansible-inventory, never 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 from pathlib import Path
@@ -11,7 +10,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.ansible_helpers import BIN, REPO, free_port, playbook, scratch_checkout, show
+from tests.ansible_helpers import (
+    BIN,
+    REPO,
+    free_port,
+    load_plugin,
+    playbook,
+    scratch_checkout,
+    show,
+)
 
 LOCAL = {
     "ansible_connection": "local",
@@ -96,13 +103,7 @@ def test_bad_choice_fails_in_argument_specs(tmp_path: Path) -> None:
 
 
 def _filters():
-    spec = importlib.util.spec_from_file_location(
-        "smolcluster_filters", REPO / "ansible" / "plugins" / "filter" / "smolcluster.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    return module
+    return load_plugin(REPO / "ansible" / "plugins" / "filter" / "smolcluster.py")
 
 
 @pytest.fixture(scope="module")

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
+from tests.ansible_helpers import load_plugin
 from tests.fake_macos import mac_mini, networksetup
 
 PLUGIN = Path(__file__).resolve().parents[1] / "roles/network/filter_plugins/network_plan.py"
-_spec = importlib.util.spec_from_file_location("network_plan", PLUGIN)
-assert _spec and _spec.loader
-plan = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(plan)
+plan = load_plugin(PLUGIN)
 
 
 def observed(**state: object) -> dict[str, str]:

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
+from tests.ansible_helpers import load_plugin
+
 PLUGIN = Path(__file__).resolve().parents[1] / "roles/network/filter_plugins/network_plan.py"
-_spec = importlib.util.spec_from_file_location("network_plan", PLUGIN)
-assert _spec and _spec.loader
-plan = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(plan)
+plan = load_plugin(PLUGIN)
 
 PI4_IFACES = [{"link": "edge51", "address": "192.168.51.4", "prefix": 24, "linux_device": "eth0"}]
 PI4_ROUTES = [{"to": "10.10.0.0/24", "via": "192.168.51.2"}]

@@ -7,7 +7,6 @@ fail because become_exe does not exist). Nothing here changes this machine's net
 
 from __future__ import annotations
 
-import importlib.util
 import ipaddress
 import json
 import subprocess
@@ -17,13 +16,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.ansible_helpers import REPO, free_port, playbook, recap, show
+from tests.ansible_helpers import REPO, free_port, load_plugin, playbook, recap, show
 
 PLUGIN = REPO / "roles/preflight/filter_plugins/preflight_checks.py"
-_spec = importlib.util.spec_from_file_location("preflight_checks", PLUGIN)
-assert _spec and _spec.loader
-checks = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(checks)
+checks = load_plugin(PLUGIN)
 
 EDGE50 = [{"link": "edge50", "address": "192.168.50.1", "prefix": 24, "linux_device": "eth1"}]
 FABRIC_ROUTE = [{"to": "10.10.0.0/24", "via": "192.168.50.1"}]

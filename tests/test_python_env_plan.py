@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import signal
 import subprocess
 import sys
@@ -13,12 +12,11 @@ import yaml
 from ansible.plugins.loader import filter_loader
 from ansible.template import Templar, trust_as_template
 
+from tests.ansible_helpers import load_plugin
+
 REPO = Path(__file__).resolve().parents[1]
 PLUGIN = REPO / "roles/python_env/filter_plugins/python_env_plan.py"
-_spec = importlib.util.spec_from_file_location("python_env_plan", PLUGIN)
-assert _spec and _spec.loader
-plan = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(plan)
+plan = load_plugin(PLUGIN)
 
 UV = ["/usr/local/bin/uv", "pip", "install", "--python", "/home/smol/smolcluster/venv/bin/python"]
 PINS = ["torch==2.11.0", "torchvision==0.26.0"]
