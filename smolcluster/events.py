@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast, overload
 
-from pydantic import ConfigDict, TypeAdapter, ValidationError
+from pydantic import ConfigDict, TypeAdapter, ValidationError, with_config
 from typing_extensions import NotRequired, TypedDict  # pydantic needs these below 3.12
 
 SCHEMA_VERSION = 1
@@ -31,10 +31,10 @@ STRICT_ENV = "SMOLCLUSTER_STRICT_METRICS"  # "1": a bad record raises in the wri
 _RULES = ConfigDict(strict=True, extra="forbid")
 
 
+@with_config(_RULES)
 class WorkerTotals(TypedDict):
     """What one worker host did over the run (summary `workers`, keyed by host)."""
 
-    __pydantic_config__ = _RULES  # type: ignore[misc]
     steps: int
     samples: int
     bytes_sent: int
@@ -44,8 +44,8 @@ class WorkerTotals(TypedDict):
     seconds: NotRequired[float]  # gloo: its training loop's time
 
 
+@with_config(_RULES)
 class StartRecord(TypedDict):
-    __pydantic_config__ = _RULES  # type: ignore[misc]
     event: Literal["start"]
     time: float  # Unix seconds
     wall: float  # seconds since this process opened the file
@@ -66,8 +66,8 @@ class StartRecord(TypedDict):
     grad_bytes: NotRequired[int]  # gloo
 
 
+@with_config(_RULES)
 class StepRecord(TypedDict):
-    __pydantic_config__ = _RULES  # type: ignore[misc]
     event: Literal["step"]
     time: float
     wall: float
@@ -96,8 +96,8 @@ class StepRecord(TypedDict):
     comm_s: NotRequired[float]
 
 
+@with_config(_RULES)
 class EvalRecord(TypedDict):
-    __pydantic_config__ = _RULES  # type: ignore[misc]
     event: Literal["eval"]
     time: float
     wall: float
@@ -107,8 +107,8 @@ class EvalRecord(TypedDict):
     val_accuracy: float
 
 
+@with_config(_RULES)
 class SummaryRecord(TypedDict):
-    __pydantic_config__ = _RULES  # type: ignore[misc]
     event: Literal["summary"]
     time: float
     wall: float
@@ -178,7 +178,7 @@ def validate(record: Any) -> Record:
         adapter.validate_python(record)
     except ValidationError as exc:
         raise RecordError(f"{kind} record: {_problems(exc)}") from None
-    return record  # type: ignore[no-any-return]  # validated: it is the TypedDict
+    return cast(Record, record)  # checked: it is the TypedDict of its kind
 
 
 def _problems(exc: ValidationError) -> str:
@@ -229,8 +229,18 @@ def read_records(path: Path) -> Iterator[Record]:
     return RecordStream(str(path)).feed(path.read_bytes())
 
 
-def of_kind(records: Iterator[Record] | list[Record], kind: str) -> list[Any]:
-    """The records of one kind (typed as Any: callers index the fields of that kind)."""
+@overload
+def of_kind(records: Iterable[Record], kind: Literal["start"]) -> list[StartRecord]: ...
+@overload
+def of_kind(records: Iterable[Record], kind: Literal["step"]) -> list[StepRecord]: ...
+@overload
+def of_kind(records: Iterable[Record], kind: Literal["eval"]) -> list[EvalRecord]: ...
+@overload
+def of_kind(records: Iterable[Record], kind: Literal["summary"]) -> list[SummaryRecord]: ...
+@overload
+def of_kind(records: Iterable[Record], kind: str) -> list[Any]: ...
+def of_kind(records: Iterable[Record], kind: str) -> list[Any]:
+    """The records of one kind, in order; a kind the schema does not declare is an error."""
     if kind not in KINDS:
         raise RecordError(f"event {kind!r}: not one of {', '.join(KINDS)}")
     return [r for r in records if r["event"] == kind]
