@@ -64,12 +64,13 @@ class Metrics:
             events.validate(record)
         except events.RecordError as exc:
             # A programming error: tests (SMOLCLUSTER_STRICT_METRICS=1) fail on it; a training
-            # run logs it once per problem and keeps the record, so nothing is lost.
+            # run must not die of it, so it logs the first bad record of each kind (not one
+            # line per step) and keeps every record, so nothing is lost.
             if events.strict():
                 raise
-            if str(exc) not in self._reported:
-                self._reported.add(str(exc))
-                log.error("metrics record does not match the schema: %s", exc)
+            if event not in self._reported:
+                self._reported.add(event)
+                log.error("metrics record does not match the schema (first of its kind): %s", exc)
         self._file.write(json.dumps(record) + "\n")
         if self._wandb is not None and event in ("step", "eval", "summary"):
             flat = {k: v for k, v in fields.items() if isinstance(v, int | float)}

@@ -122,11 +122,11 @@ def test_the_writer_raises_when_strict_and_logs_once_otherwise(
     monkeypatch.delenv(events.STRICT_ENV)
     with caplog.at_level(logging.ERROR, logger="smolcluster"):
         for step in (1, 2):  # a training run keeps going and keeps the record
-            metrics.write("step", step=step, loss=1.0, lossy=2.0)
+            metrics.write("step", step=step, loss=1.0, lossy=float(step))
     metrics.close()
     assert [r.getMessage() for r in caplog.records] == [
-        "metrics record does not match the schema: step record: lossy: Extra inputs are not "
-        "permitted (got 2.0)"
+        "metrics record does not match the schema (first of its kind): step record: lossy: "
+        "Extra inputs are not permitted (got 1.0)"
     ]
     lines = (tmp_path / "mini1.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2]
