@@ -50,17 +50,18 @@ PY
   done
   if [ "$kill_at" != - ]; then  # kill mini3 once it is past kill_at of its own steps
     python - "$dir/metrics/mini3.jsonl" "$kill_at" <<'PY'
-import json, sys, time
-path, frac = sys.argv[1], float(sys.argv[2])
+import sys, time
+from pathlib import Path
+from smolcluster.events import read_records
+path, frac = Path(sys.argv[1]), float(sys.argv[2])
 total, step = None, 0
 while total is None or step < frac * total:
     time.sleep(0.2)
     try:
-        for line in open(path):
-            e = json.loads(line)
-            total = e.get("total_steps", total) if e["event"] == "start" else total
-            step = e.get("step", step) if e["event"] == "step" else step
-    except (OSError, ValueError):
+        for e in read_records(path):  # a line still being written is left for the next pass
+            total = e["total_steps"] if e["event"] == "start" else total
+            step = e["step"] if e["event"] == "step" else step
+    except FileNotFoundError:
         continue
 print(f"killing mini3 at its step {step} of {total}", file=sys.stderr)
 PY
@@ -72,12 +73,12 @@ PY
     smolcluster local "${args[@]}" >"$dir/local.log" 2>&1
   fi
   python - "$dir" "$name" "$kill_at" <<'PY'
-import json, sys
+import sys
 from pathlib import Path
+from smolcluster.events import of_kind, read_records
 d, name, kill_at = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 def summary(host):
-    events = [json.loads(l) for l in (d / "metrics" / f"{host}.jsonl").read_text().splitlines()]
-    return next(e for e in events if e["event"] == "summary")
+    return of_kind(read_records(d / "metrics" / f"{host}.jsonl"), "summary")[0]
 s = summary("mini1")
 cells = [name + ("" if kill_at == "-" else f", mini3 killed at {float(kill_at):.0%}"),
          str(s["steps"]) + (" merges" if s.get("mode") == "elastic" else ""),
