@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import reprlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal, cast, overload
@@ -186,7 +187,7 @@ def _problems(exc: ValidationError) -> str:
     parts = []
     for error in exc.errors(include_url=False):
         where = ".".join(str(p) for p in error["loc"]) or "-"
-        got = "" if error["type"] == "missing" else f" (got {error['input']!r})"
+        got = "" if error["type"] == "missing" else f" (got {reprlib.repr(error['input'])})"
         parts.append(f"{where}: {error['msg']}{got}")
     return "; ".join(parts)
 
