@@ -15,17 +15,18 @@ smolcluster data fetch --root "$out/data"
 # past <metrics.jsonl> <fraction>: return once that worker is past the fraction of its steps.
 past() {
   python - "$1" "$2" <<'PY'
-import json, sys, time
-path, frac = sys.argv[1], float(sys.argv[2])
+import sys, time
+from pathlib import Path
+from smolcluster.events import read_records
+path, frac = Path(sys.argv[1]), float(sys.argv[2])
 total, step = None, 0
 while total is None or step < frac * total:
     time.sleep(0.2)
     try:
-        for line in open(path):
-            e = json.loads(line)
-            total = e.get("total_steps", total) if e["event"] == "start" else total
-            step = e.get("step", step) if e["event"] == "step" else step
-    except (OSError, ValueError):
+        for e in read_records(path):  # a line still being written is left for the next pass
+            total = e["total_steps"] if e["event"] == "start" else total
+            step = e["step"] if e["event"] == "step" else step
+    except FileNotFoundError:
         continue
 print(f"{path}: past step {step} of {total}", file=sys.stderr)
 PY
@@ -97,17 +98,16 @@ PY
     smolcluster local "${args[@]}" >"$dir/local.log" 2>&1
   fi
   python - "$dir" "$name" "$events" <<'PY'
-import json, sys
+import sys
 from pathlib import Path
+from smolcluster.events import of_kind, read_records
 d, name, events = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 said = {"join": "pi4 joined at {:.0%}", "kill": "mini3 killed at {:.0%}"}
 def summary(host):
-    events = [json.loads(l) for l in (d / "metrics" / f"{host}.jsonl").read_text().splitlines()]
-    return next(e for e in events if e["event"] == "summary")
+    return of_kind(read_records(d / "metrics" / f"{host}.jsonl"), "summary")[0]
 s = summary("mini1")
 happened = [said[k].format(float(v)) for k, v in (e.split(":") for e in events.split(",") if ":" in e)]
-merges = [e for e in map(json.loads, (d / "metrics" / "mini1.jsonl").read_text().splitlines())
-          if e["event"] == "step" and e.get("host")]
+merges = [e for e in of_kind(read_records(d / "metrics" / "mini1.jsonl"), "step") if e.get("host")]
 if "join:" in events and merges:  # where the join really landed, from the server's own record
     first = next((i for i, e in enumerate(merges) if e["host"] == "pi4"), None)
     happened[0] += f" (first merge {first + 1} of {len(merges)})" if first is not None else " (never merged)"
