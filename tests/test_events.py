@@ -105,7 +105,8 @@ def test_every_kind_round_trips_through_the_writer_and_reader(tmp_path: Path) ->
         ),
         (
             _record("start", role="server"),
-            "start record: no schema version (an older smolcluster wrote it); this reader knows schema 1",
+            "start record: no schema version (an older smolcluster wrote it); this reader knows"
+            " schema 1",
         ),
     ],
 )
