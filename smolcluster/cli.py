@@ -147,9 +147,13 @@ def _override_arg(parser: argparse.ArgumentParser, name: str, which: str, key: s
         parser.add_argument(*flags, dest=name, type=kind, help=help_)
 
 
-def _settings(args: argparse.Namespace) -> Settings:
+def _load(args: argparse.Namespace) -> Settings:
     overrides = {flag: getattr(args, flag, None) for flag in OVERRIDES}
-    settings = load_settings(args.cluster_config, args.nn_config, overrides)
+    return load_settings(args.cluster_config, args.nn_config, overrides)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = _load(args)
     if settings.cluster.torch_threads:
         import torch
 
@@ -216,7 +220,7 @@ def _run_local(args: argparse.Namespace) -> int:
 
 
 def _run_check(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = _load(args)  # no torch: the trainer role runs this on every host
     cfg = settings.cluster
     print(
         f"ok: {settings.cluster_file} and {settings.nn_file}: server {cfg.server}, "
