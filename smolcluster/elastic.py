@@ -26,8 +26,8 @@ import time
 import torch
 from tqdm import tqdm
 
-from smolcluster import quantize
 from smolcluster.checkpoint import Checkpointer, Progress
+from smolcluster.codec import FP32, Codec, ErrorFeedback
 from smolcluster.config import Settings
 from smolcluster.data import ShardLoader
 from smolcluster.evaluator import Evaluator
@@ -35,7 +35,6 @@ from smolcluster.hub import Hub, Peer, Received
 from smolcluster.metrics import Metrics
 from smolcluster.plan import Plan
 from smolcluster.protocol import (
-    FLAG_INT8,
     Connection,
     Frame,
     MsgType,
@@ -94,9 +93,16 @@ class ElasticLoop:
     """The server side: admit, merge pushes, answer with weights, evict the silent."""
 
     def __init__(
-        self, hub: Hub, settings: Settings, plan: Plan, replica: Replica, progress: Progress
+        self,
+        hub: Hub,
+        settings: Settings,
+        plan: Plan,
+        replica: Replica,
+        progress: Progress,
+        codec: Codec,
     ) -> None:
         self.hub, self.plan, self.replica, self.progress = hub, plan, replica, progress
+        self.codec = codec
         self.cfg = settings.cluster
         self.batch_size = settings.nn.batch_size
         # The same number of samples a sync run of this plan would process.
@@ -105,7 +111,7 @@ class ElasticLoop:
         # The outer optimizer's momentum. The server's own Adam is idle in elastic mode, so the
         # buffer lives in its first-moment slot: checkpoints and --resume carry it for free.
         self.momentum = replica.state_tensors()[1]
-        # For int8 replies: the weights each worker holds of ours, so we send exact differences.
+        # Lossy codec: the weights each worker holds of ours, so replies are exact differences.
         self.mirrors: dict[Peer, torch.Tensor] = {}
 
     def run(self, metrics: Metrics, evaluator: Evaluator, checkpoints: Checkpointer) -> None:
@@ -156,7 +162,7 @@ class ElasticLoop:
             }
             if hub.activate(peer, meta, self.replica.params.numpy()):
                 peer.last_seen = time.monotonic()  # its heartbeats start with START
-                if self.cfg.use_quantization:
+                if not self.codec.exact:
                     self.mirrors[peer] = self.replica.params.clone()
                 log.info("%s starts at version %d", peer.name, self.progress.step)
 
@@ -185,7 +191,7 @@ class ElasticLoop:
         steps, loss = meta.get("steps", 0), meta.get("loss", float("nan"))
         if not isinstance(steps, int) or steps < 0 or not isinstance(loss, int | float):
             raise ProtocolError("push without a valid step count and loss")
-        _decode_into(frame, self.delta)
+        self.codec.read(frame, self.replica.numel, out=self.delta)
         if not torch.isfinite(self.delta.sum()):
             raise ProtocolError("non-finite update")
         staleness = progress.step - base
@@ -226,28 +232,16 @@ class ElasticLoop:
 
     def reply(self, peer: Peer, pull: bool) -> None:
         meta = {"version": self.progress.step, "weights": pull, "progress": self.run_progress}
+        codec, params = self.codec, self.replica.params
         if not pull:
             self.hub.send_to(peer, MsgType.WEIGHTS, meta)
-        elif self.cfg.use_quantization:
+        elif codec.exact:
+            self.hub.send_to(peer, MsgType.WEIGHTS, meta, params.numpy(), codec.flags)
+        else:  # the difference from what the worker holds, which the worker adds
             mirror = self.mirrors[peer]
-            encoded = quantize.encode(self.replica.params - mirror)
-            mirror.add_(quantize.decode(encoded, self.replica.numel))
-            self.hub.send_to(peer, MsgType.WEIGHTS, meta, encoded.numpy(), FLAG_INT8)
-        else:
-            self.hub.send_to(peer, MsgType.WEIGHTS, meta, self.replica.params.numpy())
-
-
-def _decode_into(frame: Frame, out: torch.Tensor) -> None:
-    n = out.numel()
-    expected = quantize.encoded_nbytes(n) if frame.flags & FLAG_INT8 else n * 4
-    if frame.payload.nbytes != expected:
-        raise ProtocolError(
-            f"{frame.type.name} payload of {frame.payload.nbytes} bytes, expected {expected}"
-        )
-    if frame.flags & FLAG_INT8:
-        quantize.decode(torch.frombuffer(frame.payload, dtype=torch.uint8), n, out=out)
-    else:
-        out.copy_(torch.frombuffer(frame.payload, dtype=torch.float32))
+            encoded = codec.encode(params - mirror)
+            mirror.add_(codec.decode(encoded, self.replica.numel))
+            self.hub.send_to(peer, MsgType.WEIGHTS, meta, encoded.numpy(), codec.flags)
 
 
 def _progress(meta: dict, default: float = 0.0) -> float:
@@ -269,16 +263,18 @@ class ElasticSession:
         replica: Replica,
         throttle_s: float,
         counters,
+        codec: Codec,
     ) -> None:
         self.conn, self.cfg, self.loader, self.replica = conn, cfg, loader, replica
+        self.codec = codec
         self.throttle_s, self.counters = throttle_s, counters
         self.k = start.meta["push_interval"]
         self.version = start.meta["version"]
         self.progress = _progress(start.meta)
-        _decode_into(start, replica.params)
+        FP32.read(start, replica.numel, out=replica.params)
         self.anchor = replica.params.clone()  # where the current delta is measured from
         self.mirror = replica.params.clone()  # the global weights as we last received them
-        self.feedback = quantize.ErrorFeedback(replica.numel) if cfg.use_quantization else None
+        self.feedback = None if codec.exact else ErrorFeedback(codec, replica.numel)
         self.stop = threading.Event()
         self.heartbeat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
         self.heartbeat.start()
@@ -342,19 +338,17 @@ class ElasticSession:
         }
         if self.feedback is not None:
             encoded, _ = self.feedback.encode(delta)
-            self.conn.send(MsgType.PUSH, meta, encoded.numpy(), FLAG_INT8)
         else:
-            self.conn.send(MsgType.PUSH, meta, delta.numpy())
+            encoded = self.codec.encode(delta)
+        self.conn.send(MsgType.PUSH, meta, encoded.numpy(), self.codec.flags)
         reply = self.conn.expect(MsgType.WEIGHTS, MsgType.DONE)
         if reply.type == MsgType.DONE:
             return True
         if reply.meta.get("weights"):
-            if reply.flags & FLAG_INT8:
-                delta_in = torch.empty(self.replica.numel)
-                _decode_into(reply, delta_in)
-                self.mirror.add_(delta_in)
-            else:
-                _decode_into(reply, self.mirror)
+            if self.codec.exact:
+                self.codec.read(reply, self.replica.numel, out=self.mirror)
+            else:  # a difference from the weights we hold
+                self.mirror.add_(self.codec.read(reply, self.replica.numel))
             self.replica.params.copy_(self.mirror)
             self.version = reply.meta["version"]
         self.progress = _progress(reply.meta, self.progress)

@@ -18,8 +18,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from smolcluster.config import ClusterConfig
 from smolcluster.listener import Listener, raise_file_limit
 from smolcluster.protocol import (
@@ -45,7 +43,6 @@ class Peer:
     samples: int = 0
     steps: int = 0
     compute_s: float | None = None  # forward/backward time of its last step, as it reported
-    decoded: torch.Tensor | None = None  # int8 gradients are decoded here
 
     @property
     def name(self) -> str:

@@ -10,6 +10,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from smolcluster import codec
 from smolcluster.balance import Balancer
 from smolcluster.checkpoint import Checkpointer, Progress
 from smolcluster.config import Settings
@@ -66,11 +67,12 @@ class Server:
         elastic = cfg.mode == "elastic"
         every = eval_interval(cfg, nn_cfg.eval_steps) if elastic else nn_cfg.eval_steps
         evaluator = Evaluator(replica, x_test, y_test, metrics, plan, every)
+        wire = codec.for_config(cfg.use_quantization)  # every send and receive of the run
         loop: ElasticLoop | SyncLoop
         if elastic:
-            loop = ElasticLoop(hub, settings, plan, replica, self.progress)
+            loop = ElasticLoop(hub, settings, plan, replica, self.progress, wire)
         else:
-            loop = SyncLoop(hub, settings, plan, replica, self.progress, balancer, own)
+            loop = SyncLoop(hub, settings, plan, replica, self.progress, wire, balancer, own)
         self._announce(plan, metrics, resume)
         # Every part of the run waits through hub.next_event, which honours these at once.
         hub.payload_limits = {MsgType.GRADS: replica.nbytes, MsgType.PUSH: replica.nbytes}

@@ -17,9 +17,9 @@ from typing import Any, NamedTuple
 import torch
 from tqdm import tqdm
 
-from smolcluster import quantize
 from smolcluster.balance import Balancer
 from smolcluster.checkpoint import Checkpointer, Progress
+from smolcluster.codec import Codec
 from smolcluster.config import ClusterConfig, Settings
 from smolcluster.data import ShardLoader
 from smolcluster.evaluator import Evaluator
@@ -27,7 +27,6 @@ from smolcluster.hub import Hub, Peer, Received
 from smolcluster.metrics import Metrics
 from smolcluster.plan import Plan
 from smolcluster.protocol import (
-    FLAG_INT8,
     Connection,
     Frame,
     MsgType,
@@ -56,10 +55,13 @@ class SyncLoop:
         plan: Plan,
         replica: Replica,
         progress: Progress,
+        codec: Codec,
         balancer: Balancer | None = None,
         own: ShardLoader | None = None,
     ) -> None:
         self.hub, self.plan, self.replica, self.progress = hub, plan, replica, progress
+        self.codec = codec
+        self.decoded: dict[Peer, torch.Tensor] = {}  # a lossy codec's gradients, per peer
         self.cfg, self.batch_size = settings.cluster, settings.nn.batch_size
         self.track_gradients = settings.nn.track_gradients
         self.own = own  # server_trains: the server's own shard, rank 0
@@ -142,11 +144,8 @@ class SyncLoop:
                 self.hub.wait_for_rejoin()
             return None
         samples = replica.average_into_grads(parts)
-        flags, payload = 0, replica.grads.numpy()
-        if self.cfg.use_quantization:
-            encoded = quantize.encode(replica.grads)
-            quantize.decode(encoded, replica.numel, out=replica.grads)
-            flags, payload = FLAG_INT8, encoded.numpy()
+        # The server steps on the average exactly as the workers decode it.
+        payload = self.codec.round_trip(replica.grads).numpy()
         last = step + 1 == plan.total_steps
         if self.balancer is not None and not last:
             self.split_next(step + 1)
@@ -159,7 +158,7 @@ class SyncLoop:
                 meta["cursor"], meta["batch"] = self.assignment[peer]
             if self.cover.get(peer.rank):
                 meta["cover"] = self.cover[peer.rank]
-            self.hub.send_to(peer, MsgType.AVERAGE, meta, payload, flags, digest)
+            self.hub.send_to(peer, MsgType.AVERAGE, meta, payload, self.codec.flags, digest)
         return Round({p: part[0] for p, part in answered.items()}, samples, loss_sum)
 
     def admit_pending(self, step: int) -> None:
@@ -261,20 +260,12 @@ class SyncLoop:
                 f"parameter checksum {meta.get('checksum')!r} differs from the "
                 f"server's {expected_checksum} at step {step}: replica diverged"
             )
-        expected = (
-            quantize.encoded_nbytes(replica.numel) if frame.flags & FLAG_INT8 else replica.nbytes
-        )
-        if frame.payload.nbytes != expected:
-            raise ProtocolError(
-                f"gradient payload of {frame.payload.nbytes} bytes, expected {expected}"
-            )
-        if frame.flags & FLAG_INT8:
-            raw = torch.frombuffer(frame.payload, dtype=torch.uint8)
-            if peer.decoded is None:
-                peer.decoded = torch.empty(replica.numel)
-            grads = quantize.decode(raw, replica.numel, out=peer.decoded)
-        else:
-            grads = torch.frombuffer(frame.payload, dtype=torch.float32)
+        out = None  # exact: a view of the payload
+        if not self.codec.exact:
+            if peer not in self.decoded:
+                self.decoded[peer] = torch.empty(replica.numel)
+            out = self.decoded[peer]
+        grads = self.codec.read(frame, replica.numel, out)
         if not torch.isfinite(grads.sum()):  # any NaN/inf makes the sum non-finite; 30x cheaper
             raise ProtocolError("non-finite gradients")
         return n, float(loss), grads
@@ -312,8 +303,10 @@ class SyncWorker:
         loader_of: Callable[[int], ShardLoader],
         throttle_s: float,
         counters: Any,
+        codec: Codec,
     ) -> None:
         self.cfg, self.rank, self.plan, self.replica = cfg, rank, plan, replica
+        self.codec = codec
         self.loader_of, self.throttle_s = loader_of, throttle_s
         self.counters = counters  # steps, samples, bytes_sent, bytes_recv of the worker
         self.last_step: tuple[float, float] | None = None  # (started, sent) of the last step
@@ -322,18 +315,16 @@ class SyncWorker:
         self.assigned: tuple[int, int] | None = None
         # cover_absent: ranks of absent workers whose plain batches this worker computes too.
         self.cover: list[int] = []
-        self.int8_buffer: torch.Tensor | None = None
+        self.staging: torch.Tensor | None = None  # a lossy codec's averages land here
 
     def average_target(self) -> memoryview:
-        # The average lands straight in the gradient buffer (fp32) or the int8 staging buffer.
+        """Where AVERAGE payloads land: the gradient buffer itself when exact."""
         replica = self.replica
-        if self.cfg.use_quantization:
-            if self.int8_buffer is None:
-                self.int8_buffer = torch.empty(
-                    quantize.encoded_nbytes(replica.numel), dtype=torch.uint8
-                )
-            return memoryview(self.int8_buffer.numpy())
-        return memoryview(replica.grads.numpy())
+        if self.codec.exact:
+            return memoryview(replica.grads.numpy())
+        if self.staging is None:
+            self.staging = torch.empty(self.codec.nbytes(replica.numel), dtype=torch.uint8)
+        return memoryview(self.staging.numpy())
 
     def start(self, frame: Frame) -> int:
         """Load the replica state a START carries; returns the step to compute."""
@@ -353,9 +344,9 @@ class SyncWorker:
         """Apply the AVERAGE of `step`; True if it was the run's last step (DONE follows)."""
         if frame.meta.get("step") != step:
             raise ProtocolError(f"average for step {frame.meta.get('step')}, expected {step}")
-        if frame.flags & FLAG_INT8:
-            assert self.int8_buffer is not None
-            quantize.decode(self.int8_buffer, self.replica.numel, out=self.replica.grads)
+        # Exact: the payload already is replica.grads (average_target), read only checks it.
+        out = None if self.codec.exact else self.replica.grads
+        self.codec.read(frame, self.replica.numel, out)
         self.replica.step(step / self.plan.total_steps)
         self.assigned = assignment(frame.meta)
         self.cover = self.cover_of(frame.meta)
@@ -396,10 +387,7 @@ class SyncWorker:
             time.sleep(self.throttle_s * (len(y) / loader.batch_size))
         # What the server balances on: drawing the batch, forward/backward (and throttle).
         meta["compute_s"] = round(time.monotonic() - computing, 6)
-        if self.cfg.use_quantization:
-            conn.send(MsgType.GRADS, meta, quantize.encode(replica.grads).numpy(), FLAG_INT8)
-        else:
-            conn.send(MsgType.GRADS, meta, replica.grads.numpy())
+        conn.send(MsgType.GRADS, meta, self.codec.encode(replica.grads).numpy(), self.codec.flags)
         counters.samples += len(y)
         counters.steps += 1
         now = time.monotonic()

@@ -13,6 +13,7 @@ import logging
 import socket
 import time
 
+from smolcluster import codec
 from smolcluster.config import Settings
 from smolcluster.data import ShardLoader
 from smolcluster.elastic import ElasticSession
@@ -94,8 +95,9 @@ class Worker:
         replica = Replica.build(
             nn_cfg.model, nn_cfg.learning_rate, self.cfg.seed, nn_cfg.lr_schedule
         )
+        self.codec = codec.for_config(self.cfg.use_quantization)
         self.sync = SyncWorker(
-            self.cfg, self.rank, plan, replica, self._loader, self.throttle_s, self
+            self.cfg, self.rank, plan, replica, self._loader, self.throttle_s, self, self.codec
         )
         metrics = Metrics(
             settings.metrics_dir,
@@ -180,7 +182,7 @@ class Worker:
                 log.info("joined at global version %d", frame.meta["version"])
                 conn.idle_timeout = self.cfg.step_timeout_s + 30
                 session = ElasticSession(
-                    conn, frame, self.cfg, loader, replica, self.throttle_s, self
+                    conn, frame, self.cfg, loader, replica, self.throttle_s, self, self.codec
                 )
                 session.run(metrics)  # returns once the server says DONE
                 conn.send(MsgType.BYE, {"reason": "run finished"})
