@@ -1,15 +1,18 @@
 """The wire codecs: int8 size, round-trip error bound and error feedback; one codec per run,
-refusing payloads in another encoding."""
+refusing payloads in another encoding; int8 refused with backend gloo."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from smolcluster import codec, quantize
-from smolcluster.config import load_settings
+from smolcluster.config import PACKAGED_CONFIGS, ConfigError, load_settings
 from smolcluster.protocol import FLAG_INT8, Frame, MsgType, ProtocolError
 from smolcluster.replica import Replica
 from tests.cluster import LocalCluster
@@ -94,6 +97,28 @@ def test_a_payload_in_another_encoding_or_size_is_refused() -> None:
         codec.INT8.read(_frame(fp32, 0), 2048)
     with pytest.raises(ProtocolError, match="GRADS payload of 8192 bytes, expected 4096"):
         codec.FP32.read(_frame(fp32, 0), 1024)
+
+
+def test_int8_with_backend_gloo_is_refused_naming_both_keys(tmp_path: Path) -> None:
+    cluster = yaml.safe_load((PACKAGED_CONFIGS / "cluster_config.yaml").read_text())
+    cluster_file, nn_file = tmp_path / "cluster.yaml", tmp_path / "nn.yaml"
+    cluster_file.write_text(yaml.safe_dump({**cluster, "backend": "gloo"}))
+    nn_file.write_text((PACKAGED_CONFIGS / "nn_config.yaml").read_text())
+    assert load_settings(cluster_file, nn_file).cluster.backend == "gloo"  # fp32 is fine
+    with pytest.raises(ConfigError) as error:
+        load_settings(cluster_file, nn_file, {"use_quantization": True})
+    assert error.value.key == "use_quantization" and "backend gloo" in error.value.message
+    cluster_file.write_text(
+        yaml.safe_dump({**cluster, "backend": "gloo", "use_quantization": True})
+    )
+    files = ["--cluster-config", str(cluster_file), "--nn-config", str(nn_file)]
+    command = [sys.executable, "-m", "smolcluster", "check-config", *files]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"smolcluster: error: {cluster_file}: use_quantization: "
+        "true needs backend socket, not backend gloo"
+    ]
 
 
 @pytest.mark.slow
