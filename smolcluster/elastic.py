@@ -299,6 +299,9 @@ class ElasticSession:
     def _loop(self, metrics: Metrics) -> bool:
         samples, losses = 0, 0.0
         per_epoch = self.loader.steps_per_epoch
+        # One window per push: K local steps (compute, throttle included: it stands for a slower
+        # machine), then encode + send, then waiting for the server's reply and applying it.
+        window = time.monotonic()
         while True:
             local_step = self.counters.steps
             x, y = self.loader.batch(*divmod(local_step, per_epoch))
@@ -314,20 +317,29 @@ class ElasticSession:
             if self.counters.steps % self.k:
                 continue
             pull = self.counters.steps % self.cfg.worker_update_interval < self.k
-            done = self._push(samples, losses / self.k, pull)
+            computed = time.monotonic()
+            done, sent = self._push(samples, losses / self.k, pull)
+            ended = time.monotonic()
+            elapsed = ended - window
             metrics.write(
                 "step",
                 step=self.counters.steps,
                 loss=losses / self.k,
                 version=self.version,
+                samples=samples,
+                compute_s=round(computed - window, 6),
+                wait_s=round(ended - sent, 6),
+                step_time_s=round(elapsed, 6),
+                samples_per_s=round(samples / elapsed, 2) if elapsed else None,
                 bytes_sent=self.conn.bytes_sent,
                 bytes_recv=self.conn.bytes_recv,
             )
-            samples, losses = 0, 0.0
+            samples, losses, window = 0, 0.0, ended
             if done:
                 return True
 
-    def _push(self, samples: int, loss: float, pull: bool) -> bool:
+    def _push(self, samples: int, loss: float, pull: bool) -> tuple[bool, float]:
+        """Send the delta and apply the reply: (the server said DONE, when the send ended)."""
         delta = self.anchor - self.replica.params
         meta = {
             "base_version": self.version,
@@ -341,9 +353,10 @@ class ElasticSession:
         else:
             encoded = self.codec.encode(delta)
         self.conn.send(MsgType.PUSH, meta, encoded.numpy(), self.codec.flags)
+        sent = time.monotonic()
         reply = self.conn.expect(MsgType.WEIGHTS, MsgType.DONE)
         if reply.type == MsgType.DONE:
-            return True
+            return True, sent
         if reply.meta.get("weights"):
             if self.codec.exact:
                 self.codec.read(reply, self.replica.numel, out=self.mirror)
@@ -353,7 +366,7 @@ class ElasticSession:
             self.version = reply.meta["version"]
         self.progress = _progress(reply.meta, self.progress)
         self.anchor.copy_(self.replica.params)
-        return False
+        return False, sent
 
     def _server_said_done(self) -> bool:
         """The server only speaks unasked to end the run (DONE) or to refuse us (ERROR)."""

@@ -75,18 +75,19 @@ class StepRecord(TypedDict):
     step: int  # sync: the step done; elastic server: merges so far; elastic worker: local steps
     loss: float | None  # training loss (elastic merge: the pushing worker's, if it sent one)
     epoch: NotRequired[int]  # sync server/worker, local, gloo
-    samples: NotRequired[int]  # sync: this step's samples; elastic server: merged so far
+    samples: NotRequired[int]  # this step's (elastic worker: this push's); elastic server: so far
     bytes_sent: NotRequired[int]  # cumulative, this process
     bytes_recv: NotRequired[int]
-    step_time_s: NotRequired[float | None]  # start to start (None on a worker's first step)
+    # start to start (None on a sync worker's first step); elastic worker: push to push
+    step_time_s: NotRequired[float | None]
     samples_per_s: NotRequired[float | None]
     grad_norms: NotRequired[dict[str, float]]  # track_gradients: per parameter
     # sync server
     workers: NotRequired[int]  # also elastic server: active workers
     batch_sizes: NotRequired[dict[str, int]]  # host -> samples, in order of arrival
-    # sync worker
-    wait_s: NotRequired[float | None]  # sending gradients to starting the next step
-    compute_s: NotRequired[float]
+    # sync and elastic workers: compute + encode/send + wait make up step_time_s
+    wait_s: NotRequired[float | None]  # sync: gradients sent to next step; elastic: the reply
+    compute_s: NotRequired[float]  # sync: forward/backward; elastic: the K local steps
     # elastic server (a merge)
     host: NotRequired[str]  # who pushed
     staleness: NotRequired[int]

@@ -221,8 +221,9 @@ def render_png(runs: list[HostRun], out: Path) -> Path:
     if any(sum(row) > 0 for row in split):
         left = [0.0] * len(workers)
         for i, (label, color) in enumerate(
-            [("compute", "tab:blue"), ("encode + send gradients", "tab:orange"),
-             ("waiting for the average (slowest worker, server's evals)", "tab:gray")]
+            [("compute", "tab:blue"), ("encode + send", "tab:orange"),
+             ("waiting for the server (sync: slowest worker, evals; elastic: the merge reply)",
+              "tab:gray")]
         ):  # fmt: skip
             widths = [row[i] for row in split]
             time_ax.barh(names, widths, left=left, color=color, label=label)
@@ -230,11 +231,11 @@ def render_png(runs: list[HostRun], out: Path) -> Path:
         time_ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
         time_ax.invert_yaxis()
     else:
-        time_ax.text(0.5, 0.5, "no per-step timers\n(elastic workers report none)",
+        time_ax.text(0.5, 0.5, "no per-step timers in these metrics",
                      ha="center", va="center", transform=time_ax.transAxes)  # fmt: skip
         time_ax.set_xticks([])
         time_ax.set_yticks([])
-    time_ax.set(title="where each worker's time went (sync steps)", xlabel="seconds")
+    time_ax.set(title="where each worker's time went", xlabel="seconds")
 
     hosts = [r.host for r in sorted(runs, key=lambda r: (r.role != "server", r.host)) if r.metrics]
     by_host = {r.host: r.summary or r.last_step for r in runs}
@@ -277,7 +278,7 @@ def _rate(run: HostRun) -> float | None:
     wall = run.last_step.get("wall")
     if run.samples and isinstance(wall, int | float) and wall > 0:
         return run.samples / wall
-    return None  # an elastic worker's steps carry no sample counts
+    return None
 
 
 COLORS = {"drop": "tab:red", "join": "tab:green", "rejoin": "tab:olive"}

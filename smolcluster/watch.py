@@ -38,6 +38,7 @@ class Progress:
 
     total_steps: int | None = None
     mode: str = "sync"
+    role: str = "server"
     step: int | None = None
     epoch: int | None = None
     loss: float | None = None
@@ -55,7 +56,7 @@ class Progress:
         self.events += 1
         if event["event"] == "start":
             self.total_steps = event["total_steps"]
-            self.mode = event["mode"]
+            self.mode, self.role = event["mode"], event["role"]
             return None
         elif event["event"] == "step":
             self.step, self.epoch = event["step"], event.get("epoch", self.epoch)
@@ -73,8 +74,9 @@ class Progress:
 
     def _count(self, event: StepRecord) -> None:
         samples = event.get("samples") or 0
-        # sync: samples of this step; elastic: samples merged so far.
-        self.samples_total = samples if self.mode == "elastic" else self.samples_total + samples
+        # The elastic server counts samples merged so far; every other file, those of this step.
+        merged_so_far = self.mode == "elastic" and self.role == "server"
+        self.samples_total = samples if merged_so_far else self.samples_total + samples
         order = list(event.get("batch_sizes") or {})  # sync: in order of arrival
         last = order[-1] if len(order) > 1 else None
         mark = (event["wall"], event["step"], self.samples_total, last)

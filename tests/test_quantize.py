@@ -15,6 +15,7 @@ from smolcluster import codec, quantize
 from smolcluster.config import PACKAGED_CONFIGS, ConfigError, load_settings
 from smolcluster.protocol import FLAG_INT8, Frame, MsgType, ProtocolError
 from smolcluster.replica import Replica
+from smolcluster.report import load_run
 from tests.cluster import LocalCluster
 
 
@@ -153,3 +154,11 @@ def test_int8_runs_end_to_end(mode: str, tmp_path: Path, offline_digits_root: Pa
     starts = 2 * 3 * 4 * numel  # START carries the exact fp32 state
     assert summary["bytes_recv"] < 0.5 * fp32, summary  # int8 is 0.25 of it, fp32 1.0
     assert summary["bytes_sent"] < 0.5 * fp32 + starts, summary
+    # Each worker says where its time went, in both modes: the report's per-host split.
+    runs = {run.host: run for run in load_run(cluster.metrics_dir)}
+    for host in ("mini2", "mini3"):
+        timed = [e for e in cluster.events(host, "step") if e.get("step_time_s") is not None]
+        assert timed, f"{host} wrote no step timers"
+        if mode == "elastic":  # one window per push: K local steps, send, wait for the reply
+            assert all(e["compute_s"] + e["wait_s"] <= e["step_time_s"] + 1e-6 for e in timed)
+        assert runs[host].compute_s > 0 and runs[host].wait_s > 0, runs[host]
