@@ -125,6 +125,8 @@ class ClusterConfig(_Strict):
         if self.balance == "auto" and (self.mode, self.backend) != ("sync", "socket"):
             where = f"mode {self.mode}, backend {self.backend}"
             raise _KeyError("balance", f"auto needs mode sync and backend socket, not {where}")
+        if self.use_quantization and self.backend == "gloo":  # gloo all-reduces fp32 only
+            raise _KeyError("use_quantization", "true needs backend socket, not backend gloo")
         return self
 
     def rank_of(self, host: str) -> int:
