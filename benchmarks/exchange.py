@@ -1,10 +1,12 @@
 """Exchange only: what averaging B bytes of fp32 across N processes costs, on the real code.
 
-ours: the real `smolcluster server` and N `smolcluster worker` processes in sync fp32 mode, the
-model sized so its gradients are about B bytes, one sample per batch so forward/backward is
-small. A worker step minus its forward/backward (step_time_s - compute_s in its metrics) is
-the exchange as the trainer does it: sending GRADS, the server's reader threads, collect,
-sample-weighted average and fan-out, receiving AVERAGE, then the worker's optimizer step.
+ours: the trainer's own sync exchange, `SyncLoop.exchange(step)` on a `Hub` (smolcluster/sync.py,
+hub.py; driven here as docs/architecture.md shows, without the rest of a `Server`), against N
+real `smolcluster worker` processes with the model sized so its gradients are about B bytes
+and one sample per batch so their forward/backward is small. Timed per step at the server:
+from asking for the step's gradients to the last AVERAGE sent (the server's reader threads,
+queue, collect, sample-weighted average and fan-out; the workers' batch-1 step between two
+exchanges included, the server's own optimizer step not).
 gloo: the same N processes call dist.all_reduce on B bytes and divide (an average), timed
 per call. The bytes column is the model's real gradient size, used by both.
 """
@@ -27,7 +29,18 @@ import torch.distributed as dist
 from benchmarks.common import REPO, median, per_step_bytes, percentile
 from benchmarks.results import grad_bytes
 from benchmarks.runs import socket_cluster
-from smolcluster.harness import LOOPBACK, Processes, free_port_pair
+from smolcluster import codec
+from smolcluster.checkpoint import Progress
+from smolcluster.config import load_settings
+from smolcluster.harness import LOOPBACK, SERVER, Processes, free_port_pair
+from smolcluster.hub import Hub
+from smolcluster.plan import load_train, make_plan
+from smolcluster.protocol import MsgType, read_secret
+from smolcluster.replica import Replica
+from smolcluster.sync import SyncLoop
+
+# The children run `python -m benchmarks.exchange` from their run directory.
+BENCH_ENV = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 
 
 @cache
@@ -47,18 +60,15 @@ def measure_ours(
     hidden = hidden_for(nbytes)
     out = work / f"ours-{n}-{nbytes}"
     cluster = socket_cluster(
-        out, n, data_root, steps=warmup + iters + 1, batch_size=1, hidden=hidden
+        out, n, data_root, steps=warmup + iters, batch_size=1, hidden=hidden, env=BENCH_ENV
     )
-    cluster.start()
+    argv = [sys.executable, "-m", "benchmarks.exchange", "--drive", str(cluster.cluster_file)]
+    cluster.start_process(SERVER, [*argv, str(cluster.nn_file), str(out / "times.json")])
+    for host in cluster.workers:
+        cluster.spawn(host, "worker", "--host", host)
     cluster.wait(300, check=True)
-    steps = {w: cluster.events(w, "step") for w in cluster.workers}
-    times = [
-        s["step_time_s"] - s["compute_s"]
-        for per in steps.values()
-        for s in per
-        if s["step"] > warmup + 1  # the first steps carry set-up and allocator growth
-    ]
-    first = steps[cluster.workers[0]]
+    times = json.loads((out / "times.json").read_text())[warmup:]
+    first = cluster.events(cluster.workers[0], "step")
     return {
         "kind": "ours",
         "n": n,
@@ -70,14 +80,35 @@ def measure_ours(
     }
 
 
+def drive_server(cluster_file: str, nn_file: str, out: str) -> None:
+    """The server end of measure_ours: a Hub and the SyncLoop, each exchange timed."""
+    settings = load_settings(cluster_file, nn_file)
+    cfg = settings.cluster
+    plan = make_plan(settings, len(load_train(settings)[0]))
+    nn = settings.nn
+    replica = Replica.build(nn.model, nn.learning_rate, cfg.seed, nn.lr_schedule)
+    hub = Hub(cfg, read_secret(settings.secret_path))
+    hub.payload_limits = {MsgType.GRADS: replica.nbytes}
+    hub.listen()
+    hub.wait_for_workers(cfg.num_workers)
+    loop = SyncLoop(hub, settings, plan, replica, Progress(), codec.for_config(False))
+    times = []
+    for step in range(plan.total_steps):
+        started = time.perf_counter()
+        if loop.exchange(step) is None:
+            raise SystemExit(f"no worker answered step {step}")
+        times.append(time.perf_counter() - started)
+        replica.step(step / plan.total_steps)  # as the run does: the workers check it
+    hub.close()
+    for peer in list(hub.active):
+        hub.send_to(peer, MsgType.DONE, {})
+    hub.await_goodbyes()
+    Path(out).write_text(json.dumps(times))
+
+
 def measure_gloo(n: int, nbytes: int, iters: int, work: Path, warmup: int = 5) -> dict[str, Any]:
     out = work / f"gloo-{n}-{nbytes}"
-    ranks = Processes(
-        out,
-        env={
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-        },
-    )
+    ranks = Processes(out, env=BENCH_ENV)
     port = free_port_pair()
     for rank in range(n):
         ranks.start_process(
@@ -137,12 +168,17 @@ def gloo_rank(a: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """One gloo rank of measure_gloo (the harness starts N of them)."""
+    """A child of this benchmark: the server end (--drive) or one gloo rank."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.exchange")
+    p.add_argument("--drive", nargs=3, metavar=("CLUSTER_YAML", "NN_YAML", "OUT"))
     for flag in ("--rank", "--n", "--bytes", "--iters", "--warmup", "--port"):
-        p.add_argument(flag, type=int, required=True)
-    p.add_argument("--out", required=True)
-    gloo_rank(p.parse_args(argv))
+        p.add_argument(flag, type=int)
+    p.add_argument("--out")
+    a = p.parse_args(argv)
+    if a.drive:
+        drive_server(*a.drive)
+    else:
+        gloo_rank(a)
     return 0
 
 

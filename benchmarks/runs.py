@@ -33,6 +33,7 @@ def socket_cluster(
     threads: int = 1,
     extra: dict[str, Any] | None = None,
     launch: Callable[[str], list[str]] | None = None,
+    env: dict[str, str] | None = None,
 ) -> LocalCluster:
     """The configured (not yet started) cluster; `extra` adds or overrides cluster-config keys
     (mode, use_quantization, server_lr, throttle_s, ...). `launch(host)` is an argv prefix per
@@ -57,6 +58,7 @@ def socket_cluster(
             "dataset": {"name": "MNIST", "root": str(data_root), "download": False},
         },
         launch=launch,
+        env=env,
     )
 
 

@@ -194,6 +194,7 @@ class LocalCluster(Processes):
         cluster: dict[str, Any] | None = None,
         nn: dict[str, Any] | None = None,
         launch: Callable[[str], list[str]] | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.server = SERVER
         self.workers = worker_names(workers)
@@ -221,7 +222,7 @@ class LocalCluster(Processes):
             "dataset": {"name": "MNIST", "root": str(data_root)},
             **(nn or {}),
         }
-        super().__init__(directory, self.cluster_config["torch_threads"], launch)
+        super().__init__(directory, self.cluster_config["torch_threads"], launch, env)
         self.cluster_file = directory / "cluster_config.yaml"
         self.nn_file = directory / "nn_config.yaml"
         self.cluster_file.write_text(yaml.safe_dump(self.cluster_config))
