@@ -1,22 +1,17 @@
-"""Shared plumbing for the benchmark harness: ports, processes, metrics files, statistics."""
+"""What the benchmark modules share: the data, a CPU window, statistics over metrics."""
 
 from __future__ import annotations
 
+import math
 import os
-import signal
-import socket
 import statistics
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from smolcluster.events import RecordStream, of_kind, read_records
+from smolcluster.offline_digits import build_offline_digits
 
 REPO = Path(__file__).resolve().parents[1]
-LOOPBACK = "127.0.0.1"  # the network rule: loopback, or only namespaces of our own (links.py)
 
 
 def default_data_root() -> Path:
@@ -25,111 +20,26 @@ def default_data_root() -> Path:
 
 
 def prepare_data(root: Path) -> str:
-    from smolcluster.offline_digits import build_offline_digits
-
     return build_offline_digits(root).source
 
 
-def free_port_pair() -> int:
-    """A port p with p and p + 1 both free on loopback (socket port, gloo rendezvous port)."""
-    for _ in range(200):
-        with socket.socket() as probe:
-            probe.bind((LOOPBACK, 0))
-            port = probe.getsockname()[1]
-        if port >= 65535:
-            continue
-        try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind((LOOPBACK, port))
-                b.bind((LOOPBACK, port + 1))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free pair of loopback ports")
-
-
-def child_env(threads: int) -> dict[str, str]:
-    """Same thread budget for every process of every mode, so only the exchange differs."""
-    env = dict(os.environ)
-    env.update(
-        OMP_NUM_THREADS=str(threads),
-        MKL_NUM_THREADS=str(threads),
-        WANDB_MODE="disabled",
-        PYTHONUNBUFFERED="1",
-    )
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    return env
-
-
-class ProcessGroup:
-    """Child processes of one run; each in its own session so a timeout kills just ours."""
-
-    def __init__(self, log_dir: Path, env: dict[str, str]) -> None:
-        self.log_dir = log_dir
-        self.env = env
-        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
-        log_dir.mkdir(parents=True, exist_ok=True)
-
-    def start(self, name: str, argv: Sequence[str]) -> None:
-        with (self.log_dir / f"{name}.log").open("wb") as out:
-            proc = subprocess.Popen(
-                list(argv),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=self.env,
-                cwd=self.log_dir,
-                start_new_session=True,
-            )
-        self.procs.append((name, proc))
-
-    def wait(
-        self,
-        timeout: float,
-        progress: Callable[[], int] | None = None,
-        marks: tuple[int, int] = (0, 0),
-    ) -> dict[str, int]:
-        """Wait for every child. With `progress` (steps done so far), also measure the CPU
-        seconds all children spend between step marks[0] and marks[1] (self.cpu)."""
-        deadline = time.monotonic() + timeout
-        self.cpu = CpuWindow()
-        while any(proc.poll() is None for _, proc in self.procs):
-            if time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(f"run timed out after {timeout:.0f} s; logs in {self.log_dir}")
-            if progress is not None and self.cpu.end is None:
-                done = progress()
-                if (self.cpu.start is None and done >= marks[0]) or (
-                    self.cpu.start is not None and done >= marks[1]
-                ):
-                    self.cpu.mark(done, [proc.pid for _, proc in self.procs])
-            time.sleep(0.01)
-        return {name: proc.returncode for name, proc in self.procs}
-
-    def kill(self) -> None:
-        for _, proc in self.procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)  # the session we created for this child
-                proc.wait()
-
-    def check(self, codes: dict[str, int]) -> None:
-        bad = {name: code for name, code in codes.items() if code != 0}
-        if bad:
-            tails = "\n".join(
-                f"--- {name}.log\n{tail(self.log_dir / f'{name}.log')}" for name in bad
-            )
-            raise RuntimeError(f"processes failed {bad}; logs in {self.log_dir}\n{tails}")
-
-
 class CpuWindow:
-    """CPU seconds (user + system, all threads) of a set of processes between two step marks,
-    from /proc: unlike wall time, it barely moves when other jobs share the cores."""
+    """CPU seconds (user + system, all threads) of a run's processes between two step marks,
+    from /proc: unlike wall time, it barely moves when other jobs share the cores. `poll` is
+    called by the harness while the run waits; `progress` counts the steps done so far."""
 
-    def __init__(self) -> None:
+    def __init__(self, progress: Callable[[], int], marks: tuple[int, int]) -> None:
+        self.progress = progress
+        self.marks = marks
         self.start: tuple[int, float] | None = None
         self.end: tuple[int, float] | None = None
 
-    def mark(self, step: int, pids: list[int]) -> None:
+    def poll(self, pids: list[int]) -> None:
+        if self.end is not None:
+            return
+        done = self.progress()
+        if done < (self.marks[0] if self.start is None else self.marks[1]):
+            return
         total = 0.0
         for pid in pids:
             try:
@@ -139,9 +49,9 @@ class CpuWindow:
                 return
             total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         if self.start is None:
-            self.start = (step, total)
+            self.start = (done, total)
         else:
-            self.end = (step, total)
+            self.end = (done, total)
 
     def per_step(self) -> float:
         if self.start is None or self.end is None or self.end[0] <= self.start[0]:
@@ -152,42 +62,6 @@ class CpuWindow:
 def cpu_marks(steps: int) -> tuple[int, int]:
     """The CPU window: after warm-up to just before the last step (eval and exit excluded)."""
     return min(5, steps // 4), steps - 1
-
-
-def step_counter(path: Path) -> Callable[[], int]:
-    """How many step events a metrics file holds so far (for ProcessGroup.wait marks); each
-    call parses only what the file gained since the last."""
-    stream, offset, steps = RecordStream(str(path)), 0, 0
-
-    def count() -> int:
-        nonlocal offset, steps
-        try:
-            with path.open("rb") as handle:
-                handle.seek(offset)
-                chunk = handle.read()
-        except OSError:
-            return steps
-        offset += len(chunk)
-        steps += sum(1 for record in stream.feed(chunk) if record["event"] == "step")
-        return steps
-
-    return count
-
-
-def tail(path: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def read_events(path: Path) -> list[Any]:
-    """The file's records, checked against smolcluster/events.py."""
-    return list(read_records(path))
-
-
-def of(events: list[Any], kind: str) -> list[Any]:
-    return of_kind(events, kind)
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -228,5 +102,20 @@ def time_to_accuracy(
     return None
 
 
-def python() -> str:
-    return sys.executable
+def fmt(value: float | None, spec: str = ".1f") -> str:
+    """A table cell: '-' for a missing or NaN number."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, spec)
+
+
+def table(header: str, rows: list[list[str]]) -> str:
+    """A Markdown table, columns padded; `header` is the column names joined by '|'."""
+    names = header.split("|")
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(names)]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(names), sep, *(line(r) for r in rows)])

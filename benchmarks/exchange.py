@@ -1,14 +1,14 @@
-"""Pure exchange microbenchmark: averaging B bytes of fp32 across N processes, nothing else.
+"""Exchange only: what averaging B bytes of fp32 across N processes costs, on the real code.
 
-ours: N workers and a server on loopback speak smolcluster.protocol exactly as a sync step does:
-the authenticated handshake, then per iteration each worker sends one GRADS frame (HMAC'd) and
-receives the AVERAGE straight into its buffer; the server receives each frame into a preallocated
-buffer, checks it is finite, sums, divides and sends the average back. The real server adds a
-reader thread per connection and a queue hand-off; that cost shows up in the end-to-end rows.
-gloo: the same N processes call dist.all_reduce on a tensor of B bytes.
-Both time the steady-state loop: seconds between consecutive completed exchanges.
-
-Run by benchmarks.run; by hand: python -m benchmarks.exchange --n 3 --bytes 1356840
+ours: the trainer's own sync exchange, `SyncLoop.exchange(step)` on a `Hub` (smolcluster/sync.py,
+hub.py; driven here as docs/architecture.md shows, without the rest of a `Server`), against N
+real `smolcluster worker` processes with the model sized so its gradients are about B bytes
+and one sample per batch so their forward/backward is small. Timed per step at the server:
+from asking for the step's gradients to the last AVERAGE sent (the server's reader threads,
+queue, collect, sample-weighted average and fan-out; the workers' batch-1 step between two
+exchanges included, the server's own optimizer step not).
+gloo: the same N processes call dist.all_reduce on B bytes and divide (an average), timed
+per call. The bytes column is the model's real gradient size, used by both.
 """
 
 from __future__ import annotations
@@ -16,31 +16,135 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import tempfile
+import sys
 import time
 from datetime import timedelta
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from benchmarks.common import (
-    LOOPBACK,
-    ProcessGroup,
-    child_env,
-    free_port_pair,
-    median,
-    percentile,
-    python,
-)
+from benchmarks.common import REPO, median, per_step_bytes, percentile
+from benchmarks.results import grad_bytes
+from benchmarks.runs import socket_cluster
+from smolcluster import codec
+from smolcluster.checkpoint import Progress
+from smolcluster.config import load_settings
+from smolcluster.harness import LOOPBACK, SERVER, Processes, free_port_pair
+from smolcluster.hub import Hub
+from smolcluster.plan import load_train, make_plan
+from smolcluster.protocol import MsgType, read_secret
+from smolcluster.replica import Replica
+from smolcluster.sync import SyncLoop
 
-MAX_FRAME = 1 << 30
+# The children run `python -m benchmarks.exchange` from their run directory.
+BENCH_ENV = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 
 
-def _gloo_rank(a: argparse.Namespace) -> None:
-    import torch.distributed as dist
+@cache
+def hidden_for(nbytes: int) -> int:
+    """The SimpleNN hidden width whose fp32 gradients come closest to `nbytes` (bisection:
+    the size grows with the width)."""
+    lo, hi = 1, 4096
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if grad_bytes(mid) < nbytes else (lo, mid)
+    return min({max(1, lo - 1), lo}, key=lambda h: abs(grad_bytes(h) - nbytes))
 
+
+def measure_ours(
+    n: int, nbytes: int, iters: int, work: Path, data_root: Path, warmup: int = 5
+) -> dict[str, Any]:
+    hidden = hidden_for(nbytes)
+    out = work / f"ours-{n}-{nbytes}"
+    cluster = socket_cluster(
+        out, n, data_root, steps=warmup + iters, batch_size=1, hidden=hidden, env=BENCH_ENV
+    )
+    argv = [sys.executable, "-m", "benchmarks.exchange", "--drive", str(cluster.cluster_file)]
+    cluster.start_process(SERVER, [*argv, str(cluster.nn_file), str(out / "times.json")])
+    for host in cluster.workers:
+        cluster.spawn(host, "worker", "--host", host)
+    cluster.wait(300, check=True)
+    times = json.loads((out / "times.json").read_text())[warmup:]
+    first = cluster.events(cluster.workers[0], "step")
+    return {
+        "kind": "ours",
+        "n": n,
+        "bytes": grad_bytes(hidden),
+        "iters": len(times),
+        "median_s": median(times),
+        "p90_s": percentile(times, 90),
+        "wire_ratio": per_step_bytes(first, "bytes_sent") / grad_bytes(hidden),
+    }
+
+
+def drive_server(cluster_file: str, nn_file: str, out: str) -> None:
+    """The server end of measure_ours: a Hub and the SyncLoop, each exchange timed."""
+    settings = load_settings(cluster_file, nn_file)
+    cfg = settings.cluster
+    plan = make_plan(settings, len(load_train(settings)[0]))
+    nn = settings.nn
+    replica = Replica.build(nn.model, nn.learning_rate, cfg.seed, nn.lr_schedule)
+    hub = Hub(cfg, read_secret(settings.secret_path))
+    hub.payload_limits = {MsgType.GRADS: replica.nbytes}
+    hub.listen()
+    hub.wait_for_workers(cfg.num_workers)
+    loop = SyncLoop(hub, settings, plan, replica, Progress(), codec.for_config(False))
+    times = []
+    for step in range(plan.total_steps):
+        started = time.perf_counter()
+        if loop.exchange(step) is None:
+            raise SystemExit(f"no worker answered step {step}")
+        times.append(time.perf_counter() - started)
+        replica.step(step / plan.total_steps)  # as the run does: the workers check it
+    hub.close()
+    for peer in list(hub.active):
+        hub.send_to(peer, MsgType.DONE, {})
+    hub.await_goodbyes()
+    Path(out).write_text(json.dumps(times))
+
+
+def measure_gloo(n: int, nbytes: int, iters: int, work: Path, warmup: int = 5) -> dict[str, Any]:
+    out = work / f"gloo-{n}-{nbytes}"
+    ranks = Processes(out, env=BENCH_ENV)
+    port = free_port_pair()
+    for rank in range(n):
+        ranks.start_process(
+            f"rank{rank}",
+            [
+                sys.executable, "-m", "benchmarks.exchange", "--rank", str(rank), "--n", str(n),
+                "--bytes", str(nbytes), "--iters", str(iters), "--warmup", str(warmup),
+                "--port", str(port), "--out", str(out / "times.json"),
+            ],
+        )  # fmt: skip
+    ranks.wait(300, check=True)
+    times = json.loads((out / "times.json").read_text())
+    return {
+        "kind": "gloo",
+        "n": n,
+        "bytes": nbytes,
+        "iters": len(times),
+        "median_s": median(times),
+        "p90_s": percentile(times, 90),
+    }
+
+
+def measure(n: int, nbytes: int, iters: int, work: Path, data_root: Path) -> dict[str, Any]:
+    """One row of the exchange table: both sides at the model's real gradient size."""
+    ours = measure_ours(n, nbytes, iters, work, data_root)
+    gloo = measure_gloo(n, ours["bytes"], iters, work)
+    return {
+        "bytes": ours["bytes"],
+        "n": n,
+        "ours": ours,
+        "gloo": gloo,
+        "ratio": ours["median_s"] / gloo["median_s"],
+    }
+
+
+def gloo_rank(a: argparse.Namespace) -> None:
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     dist.init_process_group(
         "gloo",
@@ -60,165 +164,21 @@ def _gloo_rank(a: argparse.Namespace) -> None:
     dist.barrier()
     dist.destroy_process_group()
     if a.rank == 0:
-        Path(a.out).write_text(json.dumps({"times": times}))
-
-
-def _ours_server(a: argparse.Namespace) -> None:
-    from smolcluster.protocol import MsgType, payload_digest, read_secret, server_handshake
-
-    secret = read_secret(Path(a.secret))
-    numel = a.bytes // 4
-    listener = socket.create_server((LOOPBACK, a.port))
-    conns = []
-    while len(conns) < a.n:
-        sock, addr = listener.accept()
-        conn, _hello = server_handshake(sock, secret, MAX_FRAME, f"{addr[0]}:{addr[1]}")
-        conn.send(MsgType.WELCOME, {})
-        conns.append(conn)
-    listener.close()
-    buffers = [torch.empty(numel) for _ in conns]
-    total, average = torch.empty(numel), torch.empty(numel)
-    for step in range(a.warmup + a.iters):
-        total.zero_()
-        samples = 0
-        for conn, buf in zip(conns, buffers, strict=True):
-            frame = conn.expect(MsgType.GRADS, into={MsgType.GRADS: memoryview(buf.numpy())})
-            if not torch.isfinite(buf.sum()):
-                raise SystemExit("non-finite gradients")
-            n = frame.meta["samples"]
-            total.add_(buf, alpha=n)
-            samples += n
-        torch.div(total, samples, out=average)
-        digest = payload_digest(average.numpy())  # hashed once for all N frames, as the server
-        for conn in conns:
-            conn.send(MsgType.AVERAGE, {"step": step}, average.numpy(), digest=digest)
-    for conn in conns:
-        conn.expect(MsgType.BYE)
-        conn.close()
-
-
-def _ours_worker(a: argparse.Namespace) -> None:
-    from smolcluster.protocol import MsgType, client_handshake, read_secret
-
-    secret = read_secret(Path(a.secret))
-    for _ in range(200):
-        try:
-            sock = socket.create_connection((LOOPBACK, a.port), timeout=30)
-            break
-        except OSError:
-            time.sleep(0.05)
-    else:
-        raise SystemExit("server never came up")
-    conn, _ = client_handshake(
-        sock, secret, {"host": f"w{a.rank}", "rank": a.rank}, MAX_FRAME, "server"
-    )  # the connection keeps its socket non-blocking and waits with its own deadlines
-    grads = torch.full((a.bytes // 4,), float(a.rank))
-    average = torch.empty_like(grads)
-    times = []
-    last = time.perf_counter()
-    for step in range(a.warmup + a.iters):
-        conn.send(MsgType.GRADS, {"step": step, "samples": 32, "loss": 0.0}, grads.numpy())
-        conn.expect(MsgType.AVERAGE, into={MsgType.AVERAGE: memoryview(average.numpy())})
-        now = time.perf_counter()
-        if step >= a.warmup:
-            times.append(now - last)
-        last = now
-    conn.send(MsgType.BYE, {})
-    conn.close()
-    if a.rank == 1:
-        Path(a.out).write_text(
-            json.dumps(
-                {"times": times, "bytes_sent": conn.bytes_sent, "bytes_recv": conn.bytes_recv}
-            )
-        )
-
-
-def measure(
-    kind: str,
-    n: int,
-    nbytes: int,
-    iters: int,
-    work: Path,
-    threads: int = 1,
-    warmup: int = 5,
-    timeout: float = 300.0,
-) -> dict[str, Any]:
-    """Median/p90 seconds per exchange of `nbytes` among n processes ('ours' or 'gloo')."""
-    from smolcluster.protocol import write_secret
-
-    work.mkdir(parents=True, exist_ok=True)
-    out = work / f"{kind}-{n}-{nbytes}.json"
-    port = free_port_pair()
-    common = [
-        "--n",
-        str(n),
-        "--bytes",
-        str(nbytes),
-        "--iters",
-        str(iters),
-        "--warmup",
-        str(warmup),
-        "--port",
-        str(port),
-        "--out",
-        str(out),
-    ]
-    group = ProcessGroup(work / "logs" / f"{kind}-{n}-{nbytes}", child_env(threads))
-    me = [python(), "-m", "benchmarks.exchange"]
-    if kind == "gloo":
-        for rank in range(n):
-            group.start(f"rank{rank}", [*me, "--role", "gloo", "--rank", str(rank), *common])
-    else:
-        secret = work / "secret"
-        if not secret.exists():
-            write_secret(secret)
-        common += ["--secret", str(secret)]
-        group.start("server", [*me, "--role", "server", *common])
-        for rank in range(1, n + 1):
-            group.start(f"w{rank}", [*me, "--role", "worker", "--rank", str(rank), *common])
-    group.check(group.wait(timeout))
-    data = json.loads(out.read_text())
-    times = data["times"]
-    result = {
-        "kind": kind,
-        "n": n,
-        "bytes": nbytes,
-        "iters": len(times),
-        "median_s": median(times),
-        "p90_s": percentile(times, 90),
-    }
-    if "bytes_sent" in data:
-        per_iter = warmup + iters
-        result["wire_ratio"] = data["bytes_sent"] / per_iter / nbytes
-    return result
+        Path(a.out).write_text(json.dumps(times))
 
 
 def main(argv: list[str] | None = None) -> int:
+    """A child of this benchmark: the server end (--drive) or one gloo rank."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.exchange")
-    p.add_argument("--role", choices=["gloo", "server", "worker"])
-    p.add_argument("--rank", type=int, default=0)
-    p.add_argument("--n", type=int, default=3)
-    p.add_argument("--bytes", type=int, default=1_356_840)
-    p.add_argument("--iters", type=int, default=50)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--port", type=int)
+    p.add_argument("--drive", nargs=3, metavar=("CLUSTER_YAML", "NN_YAML", "OUT"))
+    for flag in ("--rank", "--n", "--bytes", "--iters", "--warmup", "--port"):
+        p.add_argument(flag, type=int)
     p.add_argument("--out")
-    p.add_argument("--secret")
     a = p.parse_args(argv)
-    if a.role == "gloo":
-        _gloo_rank(a)
-    elif a.role == "server":
-        _ours_server(a)
-    elif a.role == "worker":
-        _ours_worker(a)
-    else:  # by hand: both, side by side
-        with tempfile.TemporaryDirectory() as tmp:
-            for kind in ("ours", "gloo"):
-                r = measure(kind, a.n, a.bytes, a.iters, Path(tmp))
-                print(
-                    f"{kind:5} n={a.n} {a.bytes} B: median {1e3 * r['median_s']:.3f} ms, "
-                    f"p90 {1e3 * r['p90_s']:.3f} ms"
-                )
+    if a.drive:
+        drive_server(*a.drive)
+    else:
+        gloo_rank(a)
     return 0
 
 

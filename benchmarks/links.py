@@ -38,6 +38,7 @@ from types import FrameType
 from typing import Any
 
 from benchmarks.results import RunResult
+from smolcluster.harness import SERVER, worker_names
 
 PREFIX = "sclbench-"
 SUBNET = "10.10.0"  # the cluster fabric's subnet, only ever inside our namespaces
@@ -344,15 +345,15 @@ def placement(fabric: Fabric, n: int, gloo: bool) -> tuple[dict[str, Any], dict]
     """Keyword arguments for run_socket / run_gloo that put the run on the fabric, and the map
     from the run's host names to fabric indexes.
 
-    Socket modes: the server (bench0) in h0 at 10.10.0.1, worker r (bench<r>) in h<r>, every
-    host dialling the server's address. gloo: rank r in h<r>, so rank 0 shares the server's
-    namespace and its address is MASTER_ADDR; GLOO_SOCKET_IFNAME is the veth.
+    Socket modes: the server in h0 at 10.10.0.1, worker r in h<r>, every host dialling the
+    server's address. gloo: rank r in h<r>, so rank 0 shares the server's namespace and its
+    address is MASTER_ADDR; GLOO_SOCKET_IFNAME is the veth.
     """
     if gloo:
         hosts = {f"rank{r}": r for r in range(n)}
         kw = {"master_addr": fabric.addr(0), "ifname": IFNAME}
     else:
-        hosts = {f"bench{r}": r for r in range(n + 1)}
+        hosts = {name: i for i, name in enumerate([SERVER, *worker_names(n)])}
         server = fabric.addr(0)
         kw = {"extra": {"host_ip": dict.fromkeys(hosts, server), "bind_address": server}}
     kw["launch"] = lambda host: fabric.launch(hosts[host])

@@ -4,9 +4,10 @@
     python -m benchmarks.run --quick          # a couple of minutes
 
 Same model (SimpleNN), same batch per worker, same seeded shards, N workers on 127.0.0.1, one
-thread per process. Prints (as Markdown) the end-to-end table with ratios to gloo, the pure
-exchange microbenchmark, bytes on the wire per sync step and time-to-accuracy, then the goals
-of issue 6 met or missed. --json writes every number for docs/benchmarks.md.
+thread per process, every run started through smolcluster/harness.py as the tests start
+theirs. Prints (as Markdown) every table of docs/benchmarks.md: end to end with ratios to
+gloo (bytes on the wire included), the exchange alone, time-to-accuracy and the elastic
+study. --json writes every number.
 """
 
 from __future__ import annotations
@@ -27,12 +28,19 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import elastic_study, exchange, links
-from benchmarks.common import REPO, default_data_root, prepare_data, time_to_accuracy
-from benchmarks.gloo_runs import run_gloo
+from benchmarks.common import (
+    REPO,
+    default_data_root,
+    fmt,
+    prepare_data,
+    table,
+    time_to_accuracy,
+)
 from benchmarks.results import RunResult, grad_bytes
-from benchmarks.socket_runs import elastic_available, run_socket
+from benchmarks.runs import run_gloo, run_socket
 
 GLOO = "gloo DDP"
+PARTS = ["e2e", "exchange", "tta", "study"]  # --only
 
 
 def machine() -> dict[str, str]:
@@ -73,63 +81,26 @@ def _git_rev() -> str:
         return "?"
 
 
-def _modes(a: argparse.Namespace, notes: list[str]) -> dict[str, Callable[..., RunResult]]:
+def _modes(a: argparse.Namespace) -> dict[str, Callable[..., RunResult]]:
+    """Each mode as fn(n, steps, out, **overrides) -> RunResult, filtered by --modes."""
+
+    def socket(label: str, **mode: Any) -> Callable[..., RunResult]:
+        return lambda n, steps, out, **kw: run_socket(
+            label, n, steps, a.batch_size, a.data_root, out, threads=a.threads, **mode, **kw
+        )
+
+    elastic = f"elastic K={a.local_steps}"
     modes: dict[str, Callable[..., RunResult]] = {
-        "sync fp32": lambda n, steps, out, **kw: run_socket(
-            "sync fp32", n, steps, a.batch_size, a.data_root, out, threads=a.threads, **kw
-        ),
-        "sync int8": lambda n, steps, out, **kw: run_socket(
-            "sync int8",
-            n,
-            steps,
-            a.batch_size,
-            a.data_root,
-            out,
-            quantize=True,
-            threads=a.threads,
-            **kw,
+        "sync fp32": socket("sync fp32"),
+        "sync int8": socket("sync int8", quantize=True),
+        elastic: socket(elastic, mode="elastic", update_interval=a.local_steps),
+        GLOO: lambda n, steps, out, **kw: run_gloo(
+            n, steps, a.batch_size, a.data_root, out, threads=a.threads, **kw
         ),
     }
-    why = elastic_available()
-    if why is None:
-        modes[f"elastic K={a.local_steps}"] = lambda n, steps, out, **kw: run_socket(
-            f"elastic K={a.local_steps}",
-            n,
-            steps,
-            a.batch_size,
-            a.data_root,
-            out,
-            mode="elastic",
-            update_interval=a.local_steps,
-            threads=a.threads,
-            **kw,
-        )
-    else:
-        notes.append(f"elastic (c) skipped: {why}")
-    modes[GLOO] = lambda n, steps, out, **kw: run_gloo(
-        n, steps, a.batch_size, a.data_root, out, threads=a.threads, **kw
-    )
     return {
         m: f for m, f in modes.items() if a.modes is None or m.split()[0] in a.modes or m in a.modes
     }
-
-
-def _fmt(value: float | None, spec: str = ".1f") -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return format(value, spec)
-
-
-def table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [
-        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)
-    ]
-
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
-
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(header), sep, *(line(r) for r in rows)])
 
 
 def end_to_end_table(results: list[RunResult]) -> str:
@@ -143,35 +114,23 @@ def end_to_end_table(results: list[RunResult]) -> str:
             [
                 r.mode,
                 str(r.workers),
-                _fmt(r.step_ms_median),
-                _fmt(r.step_ms_p90),
-                _fmt(r.samples_per_s, ".0f"),
-                _fmt(ratio, ".2f"),
-                _fmt(r.cpu_ms_per_step),
-                _fmt(cpu, ".2f"),
-                _fmt(r.sent_per_step, ",.0f"),
-                _fmt(r.sent_ratio, ".4f"),
-                _fmt(r.recv_per_step, ",.0f"),
-                _fmt(100 * r.comm_fraction, ".0f"),
+                fmt(r.step_ms_median),
+                fmt(r.step_ms_p90),
+                fmt(r.samples_per_s, ".0f"),
+                fmt(ratio, ".2f"),
+                fmt(r.cpu_ms_per_step),
+                fmt(cpu, ".2f"),
+                fmt(r.sent_per_step, ",.0f"),
+                fmt(r.sent_ratio, ".4f"),
+                fmt(r.recv_per_step, ",.0f"),
+                fmt(100 * r.comm_fraction, ".0f"),
             ]
         )
-    return table(
-        [
-            "mode",
-            "N",
-            "step ms p50",
-            "step ms p90",
-            "samples/s",
-            "x gloo",
-            "CPU ms/step",
-            "CPU x gloo",
-            "B sent/worker/step",
-            "÷ fp32 grads",
-            "B recv/worker/step",
-            "comm %",
-        ],
-        rows,
+    header = (
+        "mode|N|step ms p50|step ms p90|samples/s|x gloo|CPU ms/step|CPU x gloo|"
+        "B sent/worker/step|÷ fp32 grads|B recv/worker/step|comm %"
     )
+    return table(header, rows)
 
 
 def exchange_table(rows: list[dict[str, Any]]) -> str:
@@ -181,17 +140,14 @@ def exchange_table(rows: list[dict[str, Any]]) -> str:
             [
                 f"{r['bytes']:,}",
                 str(r["n"]),
-                _fmt(1e3 * r["ours"]["median_s"], ".2f"),
-                _fmt(1e3 * r["ours"]["p90_s"], ".2f"),
-                _fmt(1e3 * r["gloo"]["median_s"], ".2f"),
-                _fmt(1e3 * r["gloo"]["p90_s"], ".2f"),
-                _fmt(r["ratio"], ".2f"),
+                fmt(1e3 * r["ours"]["median_s"], ".2f"),
+                fmt(1e3 * r["ours"]["p90_s"], ".2f"),
+                fmt(1e3 * r["gloo"]["median_s"], ".2f"),
+                fmt(1e3 * r["gloo"]["p90_s"], ".2f"),
+                fmt(r["ratio"], ".2f"),
             ]
         )
-    return table(
-        ["bytes", "N", "ours ms p50", "ours ms p90", "gloo ms p50", "gloo ms p90", "ours ÷ gloo"],
-        out,
-    )
+    return table("bytes|N|ours ms p50|ours ms p90|gloo ms p50|gloo ms p90|ours ÷ gloo", out)
 
 
 def tta_table(rows: list[dict[str, Any]]) -> str:
@@ -207,62 +163,13 @@ def tta_table(rows: list[dict[str, Any]]) -> str:
                 str(r["workers"]),
                 f"{r['target']:.2f}",
                 str(r["step"]) if r["step"] is not None else "not reached",
-                _fmt(r["seconds"], ".2f"),
-                _fmt(ratio, ".2f"),
-                _fmt(r["final_accuracy"], ".3f"),
+                fmt(r["seconds"], ".2f"),
+                fmt(ratio, ".2f"),
+                fmt(r["final_accuracy"], ".3f"),
                 str(r["steps_run"]),
             ]
         )
-    return table(
-        ["mode", "N", "target acc", "step reached", "seconds", "x gloo", "final acc", "steps run"],
-        out,
-    )
-
-
-def goals(
-    results: list[RunResult], xchg: list[dict[str, Any]], tta: list[dict[str, Any]]
-) -> list[str]:
-    lines = []
-    model = next((x for x in xchg if x["bytes"] == grad_bytes() and x["n"] == 3), None)
-    if model:
-        ok = model["ratio"] <= 1.0
-        lines.append(
-            f"[{'met' if ok else 'MISSED'}] sync fp32 exchange of {model['bytes']:,} B "
-            f"at N=3: {model['ratio']:.2f}x gloo all_reduce (goal ≤ 1.0x)"
-        )
-    by = {(r.mode, r.workers): r for r in results}
-    if ("sync fp32", 3) in by and (GLOO, 3) in by:
-        ratio = by[("sync fp32", 3)].samples_per_s / by[(GLOO, 3)].samples_per_s
-        lines.append(
-            f"[{'met' if ratio >= 1.0 else 'MISSED'}] end-to-end sync samples/s at N=3: "
-            f"{ratio:.2f}x gloo DDP (goal ≥ 1.0x)"
-        )
-    for mode, goal in (("sync fp32", 1.01), ("sync int8", 0.26)):
-        rows = [r for r in results if r.mode == mode]
-        if rows:
-            worst = max(max(r.sent_ratio, r.recv_ratio) for r in rows)
-            lines.append(
-                f"[{'met' if worst <= goal else 'MISSED'}] {mode} bytes per worker per "
-                f"step ÷ raw fp32 gradients: {worst:.4f} worst direction "
-                f"(goal ≤ {goal})"
-            )
-    for r in results:
-        sync = by.get(("sync fp32", r.workers))
-        if r.mode.startswith("elastic") and sync:
-            less = (sync.sent_per_step + sync.recv_per_step) / (r.sent_per_step + r.recv_per_step)
-            acc = {t["mode"]: t["final_accuracy"] for t in tta}
-            cost = (
-                100 * (acc["sync fp32"] - acc[r.mode])
-                if acc.get("sync fp32") is not None and acc.get(r.mode) is not None
-                else float("nan")
-            )
-            ok = less >= 50 and cost <= 0.5
-            lines.append(
-                f"[{'met' if ok else 'MISSED'}] {r.mode} at N={r.workers}: {less:.0f}x "
-                f"less traffic per sample than sync fp32 (goal ≥ 50x), accuracy cost "
-                f"{_fmt(cost, '.1f')} points in the time-to-accuracy runs (goal ≤ 0.5)"
-            )
-    return lines
+    return table("mode|N|target acc|step reached|seconds|x gloo|final acc|steps run", out)
 
 
 def run_tta(
@@ -323,6 +230,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tta-eval-steps", type=int, default=10)
     p.add_argument("--tta-max-steps", type=int, default=1_000_000, help="cap each TTA run")
     p.add_argument("--no-tta", action="store_true")
+    p.add_argument("--only", nargs="+", choices=PARTS, help="run just these tables' parts")
     p.add_argument(
         "--study",
         nargs="*",
@@ -351,6 +259,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     a.tta_epochs = a.tta_epochs or (1 if a.quick else 4)
     if a.study is None:
         a.study = [] if a.quick else list(elastic_study.PARTS)
+    only = set(a.only or PARTS)
+    a.workers = a.workers if "e2e" in only or a.links else []
+    a.exchange_bytes = a.exchange_bytes if "exchange" in only else []
+    a.no_tta = a.no_tta or "tta" not in only
+    a.study = a.study if "study" in only else []
     a.data_root = (a.data_root or default_data_root()).resolve()
     return a
 
@@ -367,26 +280,18 @@ def link_wire_table(runs: list[links.LinkRun]) -> str:
                 r.mode,
                 str(r.workers),
                 where,
-                _fmt(payload, ",.0f"),
-                _fmt(floor, ".1f"),
-                _fmt(r.step_ms_median),
-                _fmt(r.step_ms_median / floor if floor else None, ".2f"),
+                fmt(payload, ",.0f"),
+                fmt(floor, ".1f"),
+                fmt(r.step_ms_median),
+                fmt(r.step_ms_median / floor if floor else None, ".2f"),
                 f"{wire / 1e6:,.1f} ({end})" if wire else "- (no shaper)",
             ]
         )
-    return table(
-        [
-            "mode",
-            "N",
-            "busiest link",
-            "payload B/step on it",
-            "rate floor ms/step",
-            "step ms p50",
-            "p50 ÷ floor",
-            "MB through busiest shaper, whole run",
-        ],
-        rows,
+    header = (
+        "mode|N|busiest link|payload B/step on it|rate floor ms/step|step ms p50|p50 ÷ floor|"
+        "MB through busiest shaper, whole run"
     )
+    return table(header, rows)
 
 
 def write_json(
@@ -394,13 +299,12 @@ def write_json(
     info: dict[str, str],
     dataset: str,
     argv: list[str],
-    notes: list[str],
     **sections: Any,
 ) -> None:
     """All results of one invocation, with the machine, data and command they came from."""
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {"machine": info, "dataset": dataset, "argv": argv, "grad_bytes": grad_bytes()}
-    path.write_text(json.dumps({**record, **sections, "notes": notes}, indent=2))
+    path.write_text(json.dumps({**record, **sections}, indent=2))
 
 
 def main_links(
@@ -411,10 +315,9 @@ def main_links(
     argv: list[str],
 ) -> int:
     """--links: the end-to-end modes inside network namespaces, one table per link profile."""
-    notes: list[str] = []
     work = a.work_dir or Path(tempfile.mkdtemp(prefix="smolcluster-bench-"))
     try:
-        modes = _modes(a, notes)
+        modes = _modes(a)
         runs = links.run_profiles(profiles, a.workers, a.steps, modes, work, GLOO)
     finally:
         if a.work_dir is None:
@@ -439,15 +342,12 @@ def main_links(
         " weights included; 'up' = host -> switch, 'down' = switch -> host; h0 = the server,"
         " gloo: rank 0)."
     )
-    for line in notes:
-        print(line)
     if a.json:
         write_json(
             a.json,
             info,
             dataset,
             argv,
-            notes,
             netem=any(r.shaping.startswith("netem") for r in runs),
             links=[r.as_dict() for r in runs],
             namespaces_left=left,
@@ -485,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         return main_links(a, profiles, info, dataset, argv)
     work = a.work_dir or Path(tempfile.mkdtemp(prefix="smolcluster-bench-"))
     try:
-        modes = _modes(a, notes)
+        modes = _modes(a)
         results: list[RunResult] = []
         for n in a.workers:
             for mode, fn in modes.items():
@@ -494,20 +394,12 @@ def main(argv: list[str] | None = None) -> int:
         xchg = []
         for nbytes in a.exchange_bytes:
             print(f"  exchange microbenchmark: {nbytes:,} B at N=3", flush=True)
-            pair = {
-                kind: exchange.measure(
-                    kind, 3, nbytes, a.exchange_iters, work / "xchg", threads=a.threads
+            xchg.append(exchange.measure(3, nbytes, a.exchange_iters, work / "xchg", a.data_root))
+            if abs(xchg[-1]["bytes"] - nbytes) > nbytes / 20:
+                notes.append(
+                    f"exchange: no SimpleNN has {nbytes:,} B of gradients; measured the "
+                    f"closest, {xchg[-1]['bytes']:,} B"
                 )
-                for kind in ("ours", "gloo")
-            }
-            xchg.append(
-                {
-                    "bytes": nbytes,
-                    "n": 3,
-                    **pair,
-                    "ratio": pair["ours"]["median_s"] / pair["gloo"]["median_s"],
-                }
-            )
         tta = [] if a.no_tta else run_tta(a, modes, work)
         study_opts = elastic_study.Options(
             workers=a.tta_workers,
@@ -517,20 +409,22 @@ def main(argv: list[str] | None = None) -> int:
             max_steps=a.study_max_steps,
             data_root=a.data_root,
         )
-        study = elastic_study.run_parts(a.study, study_opts)
+        study = elastic_study.run_parts(a.study, study_opts, work)
     finally:
         if a.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
 
-    print("\n## End to end (median over steps after warm-up; x gloo = samples/s ratio)\n")
-    print(end_to_end_table(results))
-    print(
-        "\nCPU ms/step: user+system CPU of all the run's processes per step (from /proc),"
-        " steady state; it moves far less than wall time when other jobs share the cores."
-    )
-    print(f"comm %: {'; '.join(sorted({f'{r.mode}: {r.comm_how}' for r in results}))}")
-    print("\n## Exchange only: average B bytes of fp32 across N=3 processes\n")
-    print(exchange_table(xchg))
+    if results:
+        print("\n## End to end (median over steps after warm-up; x gloo = samples/s ratio)\n")
+        print(end_to_end_table(results))
+        print(
+            "\nCPU ms/step: user+system CPU of all the run's processes per step (from /proc),"
+            " steady state; it moves far less than wall time when other jobs share the cores."
+        )
+        print(f"comm %: {'; '.join(sorted({f'{r.mode}: {r.comm_how}' for r in results}))}")
+    if xchg:
+        print("\n## Exchange only: average B bytes of fp32 across N=3 processes\n")
+        print(exchange_table(xchg))
     if tta:
         print(
             f"\n## Time to {a.tta_accuracy:.0%} test accuracy on the offline digits "
@@ -539,9 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         print(tta_table(tta))
     if study:
         print("\n" + elastic_study.report(study, study_opts))
-    print("\n## Goals (issues 4 and 6)\n")
-    goal_lines = goals(results, xchg, tta) + elastic_study.goals(study)
-    for line in goal_lines + notes:
+    for line in notes:
         print(line)
     if a.json:
         write_json(
@@ -549,12 +441,11 @@ def main(argv: list[str] | None = None) -> int:
             info,
             dataset,
             argv,
-            notes,
+            notes=notes,
             end_to_end=[r.as_dict() for r in results],
             exchange=xchg,
             tta=tta,
             study=[asdict(r) for r in study],
-            goals=goal_lines,
         )
     return 0
 

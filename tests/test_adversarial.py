@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from smolcluster.harness import LocalCluster
 from smolcluster.protocol import (
     HEADER,
     MAGIC,
@@ -36,7 +37,6 @@ from smolcluster.protocol import (
     client_handshake,
     server_handshake,
 )
-from tests.cluster import LocalCluster
 
 SECRET = os.urandom(32).hex().encode()
 KEY = b"k" * 32

@@ -14,8 +14,8 @@ import yaml
 from smolcluster.balance import Balancer, split_batch
 from smolcluster.config import PACKAGED_CONFIGS, ClusterConfig, ConfigError, load_settings
 from smolcluster.data import ShardLoader
+from smolcluster.harness import LocalCluster
 from smolcluster.hub import Hub, Peer
-from tests.cluster import LocalCluster
 
 CLUSTER = yaml.safe_load((PACKAGED_CONFIGS / "cluster_config.yaml").read_text())
 NN = yaml.safe_load((PACKAGED_CONFIGS / "nn_config.yaml").read_text())

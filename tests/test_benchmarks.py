@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.common import percentile, time_to_accuracy
-from benchmarks.run import table
+from benchmarks.common import percentile, table, time_to_accuracy
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,7 +51,6 @@ def test_harness_end_to_end(tmp_path: Path, offline_digits_root: Path) -> None:
         "## End to end",
         "## Exchange only",
         "## Time to 30% test accuracy",
-        "## Goals",
     ):
         assert heading in text, text
     for mode in ("sync fp32", "sync int8", "gloo DDP"):
@@ -90,6 +88,11 @@ def test_harness_end_to_end(tmp_path: Path, offline_digits_root: Path) -> None:
     assert xchg["ours"]["median_s"] > 0 and xchg["gloo"]["median_s"] > 0
     assert 1.0 <= xchg["ours"]["wire_ratio"] <= 1.01
     assert xchg["ratio"] == pytest.approx(xchg["ours"]["median_s"] / xchg["gloo"]["median_s"])
+    # "ours" is the trainer's SyncLoop, timed per exchange, against three real workers.
+    assert xchg["ours"]["iters"] == 5
+    ran = tmp_path / "work" / "xchg" / f"ours-3-{xchg['bytes']}" / "metrics"
+    roles = [json.loads(p.read_text().splitlines()[-1])["role"] for p in ran.glob("*.jsonl")]
+    assert roles == ["worker"] * 3
 
     tta = {r["mode"]: r for r in report["tta"]}
     assert set(tta) == set(rows)
@@ -97,14 +100,12 @@ def test_harness_end_to_end(tmp_path: Path, offline_digits_root: Path) -> None:
         # 30% is three times chance; every mode gets there within 15 steps of 2 x 32 digits.
         assert row["step"] is not None and row["step"] <= 15, row
         assert row["seconds"] > 0
-    assert any("goal" in line for line in report["goals"])
     # The elastic study's slow-worker part: the same sample budget in each of its four runs.
     assert "## One worker ~5x slower" in text, text
     study = {r["label"]: r for r in report["study"]}
     assert set(study) == {"sync, no slow worker", "sync", "sync, balance auto", "elastic"}
     assert len({r["samples"] for r in study.values()}) == 1, study
     assert all(r["wall_s"] > 0 and 0 <= r["final_accuracy"] <= 1 for r in study.values())
-    assert any("5x slower" in line for line in report["goals"])
     assert report["machine"]["nproc"] and report["machine"]["torch"]
 
 
@@ -119,7 +120,7 @@ def test_statistics_helpers() -> None:
     ]
     assert time_to_accuracy(steps, evals, 0.9) == (2, pytest.approx(1.2))
     assert time_to_accuracy(steps, evals, 0.99) is None
-    assert table(["a", "bb"], [["1", "2"]]) == "| a | bb |\n|---|----|\n| 1 | 2  |"
+    assert table("a|bb", [["1", "2"]]) == "| a | bb |\n|---|----|\n| 1 | 2  |"
 
 
 def require_links() -> None:

@@ -3,34 +3,13 @@
 from __future__ import annotations
 
 import signal
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.cluster import LocalCluster
+from smolcluster.harness import LocalCluster
 
 pytestmark = pytest.mark.slow
-
-
-def wait_for_server(
-    cluster: LocalCluster, reached: Callable[[dict], bool], what: str, timeout: float = 600
-) -> None:
-    """Until one of the server's step records satisfies `reached`; fail if the server ends."""
-    deadline = time.monotonic() + timeout
-    path = cluster.metrics_dir / "mini1.jsonl"
-    while time.monotonic() < deadline:
-        if path.exists() and any(reached(e) for e in cluster.events("mini1", "step")):
-            return
-        if cluster.procs["mini1"].poll() is not None:
-            raise AssertionError("server exited early:\n" + cluster.logs())
-        time.sleep(0.2)
-    raise AssertionError(f"server never reached {what}:\n" + cluster.logs())
-
-
-def wait_for_step(cluster: LocalCluster, step: int) -> None:
-    wait_for_server(cluster, lambda e: e.get("step", 0) >= step, f"step {step}")
 
 
 def baseline_accuracy(cluster: LocalCluster) -> float:
@@ -48,7 +27,7 @@ def test_sync_run_survives_a_killed_worker(tmp_path: Path, offline_digits_root: 
     )
     cluster.start()
     total = 2 * (9000 // 3 // 32)
-    wait_for_step(cluster, int(total * 0.4))
+    cluster.wait_for_step(int(total * 0.4))
     cluster.procs["mini3"].send_signal(signal.SIGKILL)
     codes = cluster.wait()
     assert codes["mini1"] == 0 and codes["mini2"] == 0 and codes["pi5"] == 0, cluster.logs()
@@ -92,7 +71,7 @@ def test_elastic_run_loses_nothing_to_a_killed_worker(
 
     cluster = elastic_run("killed")
     cluster.start()
-    wait_for_server(cluster, lambda e: e["samples"] >= 0.4 * budget, "40 % of the budget")
+    cluster.wait_for(cluster.server, lambda e: e["samples"] >= 0.4 * budget, "40 % of the budget")
     cluster.procs["mini3"].send_signal(signal.SIGKILL)
     codes = cluster.wait()
     assert codes["mini1"] == codes["mini2"] == codes["pi5"] == 0, cluster.logs()
@@ -124,9 +103,9 @@ def test_elastic_run_survives_a_killed_worker_and_counts_a_joiner(
     cluster.spawn("mini1", "server")
     for host in ("mini2", "mini3", "pi5"):
         cluster.spawn(host, "worker", "--host", host, "--throttle-s", "0.25")
-    wait_for_step(cluster, 1)
+    cluster.wait_for_step(1)
     cluster.spawn("pi4", "worker", "--host", "pi4")  # a 4th worker, mid-run
-    wait_for_step(cluster, 10)
+    cluster.wait_for_step(10)
     cluster.procs["mini3"].send_signal(signal.SIGKILL)  # about 40 % of the way
     codes = cluster.wait()
     assert codes["mini1"] == codes["mini2"] == codes["pi5"] == codes["pi4"] == 0, cluster.logs()
@@ -153,7 +132,7 @@ def test_server_killed_and_resumed_keeps_the_workers(
         nn={"max_steps": 80, "eval_steps": 40},
     )
     cluster.start()
-    wait_for_step(cluster, 35)
+    cluster.wait_for_step(35)
     cluster.procs["mini1"].send_signal(signal.SIGKILL)
     cluster.procs["mini1"].wait()
     killed_at = cluster.events("mini1", "step")[-1]["step"]
@@ -180,7 +159,7 @@ def test_sigterm_checkpoints_before_exit(tmp_path: Path, offline_digits_root: Pa
         nn={"max_steps": 500},
     )
     cluster.start()
-    wait_for_step(cluster, 5)
+    cluster.wait_for_step(5)
     cluster.procs["mini1"].send_signal(signal.SIGTERM)
     assert cluster.procs["mini1"].wait(timeout=120) == 0
     cluster.procs["mini2"].kill()

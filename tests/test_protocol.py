@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from smolcluster.harness import LocalCluster
 from smolcluster.protocol import (
     HEADER,
     MAGIC,
@@ -27,7 +28,6 @@ from smolcluster.protocol import (
     server_handshake,
     write_secret,
 )
-from tests.cluster import LocalCluster
 
 SECRET = os.urandom(32).hex().encode()
 MAX_FRAME = 64 * 1024 * 1024

@@ -13,10 +13,10 @@ import yaml
 
 from smolcluster import codec, quantize
 from smolcluster.config import PACKAGED_CONFIGS, ConfigError, load_settings
+from smolcluster.harness import LocalCluster
 from smolcluster.protocol import FLAG_INT8, Frame, MsgType, ProtocolError
 from smolcluster.replica import Replica
 from smolcluster.report import load_run
-from tests.cluster import LocalCluster
 
 
 def test_round_trip_error_is_within_half_a_step_per_block() -> None:

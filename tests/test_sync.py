@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.cluster import LocalCluster
+from smolcluster.harness import LocalCluster
 
 pytestmark = pytest.mark.slow
 
