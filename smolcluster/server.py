@@ -29,7 +29,7 @@ from smolcluster.config import Settings
 from smolcluster.data import evaluate
 from smolcluster.listener import Listener, raise_file_limit
 from smolcluster.metrics import Metrics, run_name
-from smolcluster.plan import Plan, load_test, load_train, make_plan, shard_loader
+from smolcluster.plan import Plan, load_test, make_plan, shard_loader, train_size
 from smolcluster.protocol import (
     FLAG_INT8,
     Connection,
@@ -208,9 +208,8 @@ class Server:
     def run(self, resume: bool = False) -> int:
         settings, cfg, nn_cfg = self.settings, self.cfg, self.settings.nn
         x_test, y_test = load_test(settings)
-        x_train, y_train = load_train(settings)
-        plan = make_plan(settings, len(x_train))
-        own = shard_loader(settings, x_train, y_train, 0) if cfg.server_trains else None
+        plan = make_plan(settings, train_size(settings))
+        own = shard_loader(settings, 0) if cfg.server_trains else None
         replica = Replica.build(nn_cfg.model, nn_cfg.learning_rate, cfg.seed, nn_cfg.lr_schedule)
         if resume:
             self._resume(replica)
