@@ -26,7 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from benchmarks import elastic_study, exchange, links
+from benchmarks import elastic_study, exchange, links, rss
 from benchmarks.common import REPO, default_data_root, prepare_data, time_to_accuracy
 from benchmarks.gloo_runs import run_gloo
 from benchmarks.results import RunResult, grad_bytes
@@ -324,6 +324,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tta-max-steps", type=int, default=1_000_000, help="cap each TTA run")
     p.add_argument("--no-tta", action="store_true")
     p.add_argument(
+        "--no-rss", action="store_true", help="skip the peak RSS table (benchmarks/rss.py)"
+    )
+    p.add_argument(
         "--study",
         nargs="*",
         choices=list(elastic_study.PARTS),
@@ -518,6 +521,8 @@ def main(argv: list[str] | None = None) -> int:
             data_root=a.data_root,
         )
         study = elastic_study.run_parts(a.study, study_opts)
+        rss_rows, rss_notes = ([], []) if a.no_rss else rss.measure_all(REPO, work / "rss")
+        notes += rss_notes
     finally:
         if a.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -539,6 +544,8 @@ def main(argv: list[str] | None = None) -> int:
         print(tta_table(tta))
     if study:
         print("\n" + elastic_study.report(study, study_opts))
+    if rss_rows:
+        print("\n" + rss.report(rss_rows))
     print("\n## Goals (issues 4 and 6)\n")
     goal_lines = goals(results, xchg, tta) + elastic_study.goals(study)
     for line in goal_lines + notes:
@@ -555,6 +562,7 @@ def main(argv: list[str] | None = None) -> int:
             tta=tta,
             study=[asdict(r) for r in study],
             goals=goal_lines,
+            rss=rss.as_dicts(rss_rows),
         )
     return 0
 
