@@ -34,7 +34,7 @@ from smolcluster.checkpoint import Progress
 from smolcluster.config import load_settings
 from smolcluster.harness import LOOPBACK, SERVER, Processes, free_port_pair
 from smolcluster.hub import Hub
-from smolcluster.plan import load_train, make_plan
+from smolcluster.plan import make_plan, train_size
 from smolcluster.protocol import MsgType, read_secret
 from smolcluster.replica import Replica
 from smolcluster.sync import SyncLoop
@@ -84,7 +84,7 @@ def drive_server(cluster_file: str, nn_file: str, out: str) -> None:
     """The server end of measure_ours: a Hub and the SyncLoop, each exchange timed."""
     settings = load_settings(cluster_file, nn_file)
     cfg = settings.cluster
-    plan = make_plan(settings, len(load_train(settings)[0]))
+    plan = make_plan(settings, train_size(settings))
     nn = settings.nn
     replica = Replica.build(nn.model, nn.learning_rate, cfg.seed, nn.lr_schedule)
     hub = Hub(cfg, read_secret(settings.secret_path))

@@ -27,7 +27,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from benchmarks import elastic_study, exchange, links
+from benchmarks import elastic_study, exchange, links, rss
 from benchmarks.common import (
     REPO,
     default_data_root,
@@ -232,6 +232,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-tta", action="store_true")
     p.add_argument("--only", nargs="+", choices=PARTS, help="run just these tables' parts")
     p.add_argument(
+        "--no-rss", action="store_true", help="skip the peak RSS table (benchmarks/rss.py)"
+    )
+    p.add_argument(
         "--study",
         nargs="*",
         choices=list(elastic_study.PARTS),
@@ -410,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
             data_root=a.data_root,
         )
         study = elastic_study.run_parts(a.study, study_opts, work)
+        rss_rows, rss_notes = ([], []) if a.no_rss else rss.measure_all(REPO, work / "rss")
+        notes += rss_notes
     finally:
         if a.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -433,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
         print(tta_table(tta))
     if study:
         print("\n" + elastic_study.report(study, study_opts))
+    if rss_rows:
+        print("\n" + rss.report(rss_rows))
     for line in notes:
         print(line)
     if a.json:
@@ -446,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
             exchange=xchg,
             tta=tta,
             study=[asdict(r) for r in study],
+            rss=rss.as_dicts(rss_rows),
         )
     return 0
 

@@ -298,7 +298,9 @@ def _fetch_torchvision(root: str | os.PathLike[str]) -> DatasetInfo:
 def load_split(root: str | os.PathLike[str], train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Images float32 [N,1,28,28] in [-1,1] (as ToTensor + Normalize(0.5, 0.5)); labels int64.
 
-    Read with torchvision's own MNIST reader; never downloads.
+    The whole split, read with torchvision's own MNIST reader (never downloads): for tools and
+    as the reference the trainer's reader (read_rows) is tested against. Trainers keep images
+    as uint8 (read_rows) and convert per batch with the same `to_model_input`.
     """
     from torchvision.datasets import MNIST
 
@@ -307,9 +309,66 @@ def load_split(root: str | os.PathLike[str], train: bool) -> tuple[torch.Tensor,
         ds = MNIST(str(root), train=train, download=False)
     except (RuntimeError, OSError, AssertionError, ValueError) as e:
         raise DataError(f"{raw_dir(root)}: torchvision cannot read MNIST: {e}") from e
-    # Same float ops as ToTensor (div 255) then Normalize (sub mean, div std), on the whole tensor.
-    x = ds.data.unsqueeze(1).to(torch.float32).div_(255).sub_(0.5).div_(0.5)
-    y = ds.targets.to(torch.int64)
+    return to_model_input(ds.data), ds.targets.to(torch.int64)
+
+
+def to_model_input(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images [n,28,28] -> float32 [n,1,28,28] in [-1,1], as ToTensor then Normalize.
+
+    Elementwise only (div 255, sub mean, div std), so a batch converted on its own is
+    bit-identical to the same rows of the whole split converted at once.
+    """
+    return images.unsqueeze(1).to(torch.float32).div_(255).sub_(0.5).div_(0.5)
+
+
+def _as_input(images: torch.Tensor) -> torch.Tensor:
+    return to_model_input(images) if images.dtype == torch.uint8 else images
+
+
+def split_size(root: str | os.PathLike[str], train: bool) -> int:
+    """Samples in a split, from its validated IDX headers (reads 16 bytes per file)."""
+    return _check_pair(_require_files(root), *_split_files(train))
+
+
+def _split_files(train: bool) -> tuple[str, str]:
+    return (TRAIN_IMAGES, TRAIN_LABELS) if train else (TEST_IMAGES, TEST_LABELS)
+
+
+READ_CHUNK_ROWS = 4096  # images per read: 3.2 MB of buffer
+
+
+def read_rows(
+    root: str | os.PathLike[str], train: bool, indices: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split's rows `indices` (all when None), in that order: images uint8 [n,28,28] as
+    stored, labels int64 [n].
+
+    Reads the IDX files a chunk at a time, so memory peaks at the rows kept plus one chunk.
+    (torchvision's reader holds the whole file twice, bytes and a bytearray copy, before a
+    shard could be picked out: 94 MB for full MNIST's training images.)
+    """
+    raw = _require_files(root)
+    images, labels = _split_files(train)
+    n = _check_pair(raw, images, labels)
+    idx = torch.arange(n) if indices is None else torch.as_tensor(indices, dtype=torch.int64)
+    if len(idx) and not (int(idx.min()) >= 0 and int(idx.max()) < n):
+        raise ValueError(f"row indices must lie in 0..{n - 1} for {raw / images}")
+    all_labels = np.fromfile(raw / labels, dtype=np.uint8, offset=8)
+    y = torch.from_numpy(all_labels)[idx].to(torch.int64)
+    side = IMAGE_SIDE * IMAGE_SIDE
+    x = torch.empty((len(idx), IMAGE_SIDE, IMAGE_SIDE), dtype=torch.uint8)
+    where = torch.argsort(idx)  # positions in x, by file row
+    rows = idx[where]
+    with (raw / images).open("rb") as f:
+        for start in range(0, n, READ_CHUNK_ROWS):
+            stop = min(n, start + READ_CHUNK_ROWS)
+            lo, hi = torch.searchsorted(rows, torch.tensor([start, stop])).tolist()
+            if lo == hi:
+                continue
+            f.seek(16 + start * side)
+            chunk = np.fromfile(f, dtype=np.uint8, count=(stop - start) * side)
+            chunk_rows = torch.from_numpy(chunk).view(-1, IMAGE_SIDE, IMAGE_SIDE)
+            x[where[lo:hi]] = chunk_rows[rows[lo:hi] - start]
     return x, y
 
 
@@ -331,9 +390,43 @@ def _mix_seed(*values: int) -> int:
 
 
 class ShardLoader:
-    """Mini-batches over one worker's shard; the order depends only on (seed, rank, epoch)."""
+    """Mini-batches over one worker's shard; the order depends only on (seed, rank, epoch).
+
+    Holds only the shard's rows (uint8 images as stored, converted per batch by
+    to_model_input, or float32 as given); `indices` are their rows in the whole split.
+    """
 
     def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        indices: torch.Tensor,
+        batch_size: int,
+        seed: int,
+        rank: int,
+    ) -> None:
+        """x, y: the whole split; a copy of the shard's rows is kept, not the split."""
+        if len(x) != len(y):
+            raise ValueError(f"{len(x)} images but {len(y)} labels")
+        indices = torch.as_tensor(indices, dtype=torch.int64)
+        self._hold(x[indices], y[indices], indices, batch_size, seed, rank)
+
+    @classmethod
+    def read(
+        cls,
+        root: str | os.PathLike[str],
+        indices: torch.Tensor,
+        batch_size: int,
+        seed: int,
+        rank: int,
+    ) -> ShardLoader:
+        """The shard of the training split at `root`, read from disk: only its rows, as uint8."""
+        indices = torch.as_tensor(indices, dtype=torch.int64)
+        loader = cls.__new__(cls)
+        loader._hold(*read_rows(root, True, indices), indices, batch_size, seed, rank)
+        return loader
+
+    def _hold(
         self,
         x: torch.Tensor,
         y: torch.Tensor,
@@ -346,33 +439,36 @@ class ShardLoader:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if len(indices) < batch_size:
             raise ValueError(f"shard of {len(indices)} samples is smaller than batch {batch_size}")
-        if len(x) != len(y):
-            raise ValueError(f"{len(x)} images but {len(y)} labels")
-        self.x = x
+        self.x = x  # row p is sample indices[p] of the split
         self.y = y
-        self.indices = torch.as_tensor(indices, dtype=torch.int64)
+        self.indices = indices
         self.batch_size = batch_size
         self.seed = seed
         self.rank = rank
         self.steps_per_epoch = len(self.indices) // batch_size  # the last partial batch is dropped
-        self._order_cache: tuple[int, torch.Tensor] | None = None
+        self._perm_cache: tuple[int, torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return self.steps_per_epoch
 
-    def order(self, epoch: int) -> torch.Tensor:
-        """The shard's sample indices in this epoch's shuffled order."""
-        if self._order_cache is None or self._order_cache[0] != epoch:
+    def _perm(self, epoch: int) -> torch.Tensor:
+        """This epoch's shuffle, as positions in the shard."""
+        if self._perm_cache is None or self._perm_cache[0] != epoch:
             gen = torch.Generator().manual_seed(_mix_seed(self.seed, self.rank, epoch))
-            perm = torch.randperm(len(self.indices), generator=gen)
-            self._order_cache = (epoch, self.indices[perm])
-        return self._order_cache[1]
+            self._perm_cache = (epoch, torch.randperm(len(self.indices), generator=gen))
+        return self._perm_cache[1]
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """The shard's sample indices (rows of the split) in this epoch's shuffled order."""
+        return self.indices[self._perm(epoch)]
+
+    def _rows(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _as_input(self.x[positions]), self.y[positions]
 
     def batch(self, epoch: int, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not 0 <= i < self.steps_per_epoch:
             raise IndexError(f"batch {i} out of range 0..{self.steps_per_epoch - 1}")
-        idx = self.order(epoch)[i * self.batch_size : (i + 1) * self.batch_size]
-        return self.x[idx], self.y[idx]
+        return self._rows(self._perm(epoch)[i * self.batch_size : (i + 1) * self.batch_size])
 
     def take(self, cursor: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """n samples starting at `cursor` in the endless stream of this shard's epochs.
@@ -388,10 +484,9 @@ class ShardLoader:
         while n > 0:
             epoch, offset = divmod(cursor, size)
             k = min(n, size - offset)
-            chunks.append(self.order(epoch)[offset : offset + k])
+            chunks.append(self._perm(epoch)[offset : offset + k])
             cursor, n = cursor + k, n - k
-        idx = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
-        return self.x[idx], self.y[idx]
+        return self._rows(chunks[0] if len(chunks) == 1 else torch.cat(chunks))
 
     def epoch_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for i in range(self.steps_per_epoch):
@@ -401,7 +496,11 @@ class ShardLoader:
 def evaluate(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000
 ) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy 0..1) over (x, y); the model's train mode is restored."""
+    """(mean cross-entropy, accuracy 0..1) over (x, y); the model's train mode is restored.
+
+    x may be uint8 as stored (read_rows): each batch is converted on its own, so only one
+    batch is ever float32.
+    """
     n = len(x)
     if n == 0:
         raise ValueError("evaluate needs at least one sample")
@@ -414,7 +513,7 @@ def evaluate(
     try:
         with torch.no_grad():
             for start in range(0, n, batch_size):
-                xb = x[start : start + batch_size].to(device)
+                xb = _as_input(x[start : start + batch_size]).to(device)
                 yb = y[start : start + batch_size].to(device)
                 logits = model(xb)
                 total_loss += F.cross_entropy(logits, yb, reduction="sum").item()

@@ -261,10 +261,11 @@ def _train(run: GlooRun, role: str, data: Any) -> int:
 
 
 def _train_loop(run: GlooRun, role: str, data: Any, metrics: Metrics) -> int:
-    x, y = data.load_split(run.data_root, True)
-    x_test, y_test = data.load_split(run.data_root, False)
-    shards = data.partition(len(x), run.world_size, run.seed)
-    loader = data.ShardLoader(x, y, shards[run.rank], run.batch_size, run.seed, run.rank)
+    x_test, y_test = data.read_rows(run.data_root, False)  # uint8; evaluate converts per batch
+    shards = data.partition(data.split_size(run.data_root, True), run.world_size, run.seed)
+    loader = data.ShardLoader.read(
+        run.data_root, shards[run.rank], run.batch_size, run.seed, run.rank
+    )
     m = run.model
     model = build_model(m["type"], m["input_dim"], m["hidden"], m["out"], run.seed)
     ddp = DistributedDataParallel(model, gradient_as_bucket_view=True)

@@ -13,7 +13,7 @@ import logging
 from smolcluster.config import Settings
 from smolcluster.data import evaluate
 from smolcluster.metrics import Metrics, run_name
-from smolcluster.plan import load_test, load_train, make_plan, shard_count, shard_loader
+from smolcluster.plan import load_test, make_plan, shard_count, shard_loader, train_size
 from smolcluster.replica import Replica
 
 log = logging.getLogger("smolcluster")
@@ -21,12 +21,11 @@ log = logging.getLogger("smolcluster")
 
 def train_local(settings: Settings, host: str = "local") -> tuple[Replica, float]:
     cfg, nn_cfg = settings.cluster, settings.nn
-    x, y = load_train(settings)
     x_test, y_test = load_test(settings)
-    plan = make_plan(settings, len(x))
+    plan = make_plan(settings, train_size(settings))
     first_rank = 0 if cfg.server_trains else 1
     loaders = [
-        shard_loader(settings, x, y, rank)
+        shard_loader(settings, rank)
         for rank in range(first_rank, first_rank + shard_count(settings))
     ]
     replica = Replica.build(nn_cfg.model, nn_cfg.learning_rate, cfg.seed, nn_cfg.lr_schedule)

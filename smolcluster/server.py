@@ -18,7 +18,7 @@ from smolcluster.elastic import ElasticLoop, eval_interval
 from smolcluster.evaluator import Evaluator
 from smolcluster.hub import Hub, Terminated
 from smolcluster.metrics import Metrics, run_name
-from smolcluster.plan import Plan, load_test, load_train, make_plan, shard_loader
+from smolcluster.plan import Plan, load_test, make_plan, shard_loader, train_size
 from smolcluster.protocol import MsgType, read_secret
 from smolcluster.replica import Replica
 from smolcluster.sync import SyncLoop
@@ -42,9 +42,8 @@ class Server:
     def run(self, resume: bool = False) -> int:
         settings, cfg, nn_cfg, hub = self.settings, self.cfg, self.settings.nn, self.hub
         x_test, y_test = load_test(settings)
-        x_train, y_train = load_train(settings)
-        plan = make_plan(settings, len(x_train))
-        own = shard_loader(settings, x_train, y_train, 0) if cfg.server_trains else None
+        plan = make_plan(settings, train_size(settings))
+        own = shard_loader(settings, 0) if cfg.server_trains else None
         replica = Replica.build(nn_cfg.model, nn_cfg.learning_rate, cfg.seed, nn_cfg.lr_schedule)
         balancer = Balancer(nn_cfg.batch_size) if cfg.balance == "auto" else None
         checkpoints = Checkpointer(

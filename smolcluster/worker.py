@@ -18,7 +18,7 @@ from smolcluster.config import Settings
 from smolcluster.data import ShardLoader
 from smolcluster.elastic import ElasticSession
 from smolcluster.metrics import Metrics, run_name
-from smolcluster.plan import load_train, make_plan, shard_loader
+from smolcluster.plan import make_plan, shard_loader, train_size
 from smolcluster.protocol import (
     Connection,
     Deadlines,
@@ -88,9 +88,7 @@ class Worker:
 
     def run(self) -> int:
         settings, nn_cfg = self.settings, self.settings.nn
-        x, y = load_train(settings)
-        plan = make_plan(settings, len(x))
-        self._train_set = (x, y)
+        plan = make_plan(settings, train_size(settings))
         loader = self._loader(self.rank)
         replica = Replica.build(
             nn_cfg.model, nn_cfg.learning_rate, self.cfg.seed, nn_cfg.lr_schedule
@@ -211,8 +209,8 @@ class Worker:
             self.sync.send_gradients(conn, step, metrics)
 
     def _loader(self, rank: int) -> ShardLoader:
-        """The loader of a rank's shard: its own, or an absent worker's it covers (every host
-        holds the whole training split)."""
+        """The loader of a rank's shard: its own, or an absent worker's it covers (read from
+        the training split on disk, which every host has, when first needed)."""
         if rank not in self._loaders:
-            self._loaders[rank] = shard_loader(self.settings, *self._train_set, rank)
+            self._loaders[rank] = shard_loader(self.settings, rank)
         return self._loaders[rank]

@@ -35,6 +35,7 @@ def test_harness_end_to_end(tmp_path: Path, offline_digits_root: Path) -> None:
         "--tta-accuracy", "0.3", "--tta-eval-steps", "5", "--tta-max-steps", "15",
         "--local-steps", "4",
         "--study", "slow", "--study-epochs", "1", "--study-max-steps", "12", "--study-k", "4",
+        "--no-rss",  # two N=3 runs on full MNIST; tests/test_rss_benchmark.py covers the harness
         "--json", str(out),
     ]  # fmt: skip
     proc = subprocess.run(
