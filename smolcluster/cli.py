@@ -1,4 +1,4 @@
-"""The `smolcluster` command: server, worker, local, data, check-config, secret."""
+"""The `smolcluster` command: server, worker, local, data, check-config, secret, doctor."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from smolcluster.config import OVERRIDES, ConfigError, Settings, load_settings
+from smolcluster.doctor import add_doctor_parser
 
 log = logging.getLogger("smolcluster")
 
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--root", type=Path, required=True)
     verify.set_defaults(run=_run_data_verify)
 
+    add_doctor_parser(sub)
     for extension in _extensions():
         extension(sub)
     return parser

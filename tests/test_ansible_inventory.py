@@ -136,6 +136,17 @@ def test_cluster_inventory_host_ip_follows_the_links(cluster_inventory) -> None:
     }
 
 
+def test_gloo_mesh_gaps_are_the_pis_on_the_cluster_and_none_locally(cluster_inventory) -> None:
+    """gloo needs a full mesh (F15): on the real cluster only pi4 and pi5 cannot reach each
+    other; the local default (no cluster links) is a mesh."""
+    hostvars, groups = cluster_inventory
+    hosts = ["mini1", *groups["workers"]]
+    assert [sorted(pair) for pair in _filters().mesh_gaps(hostvars, hosts)] == [["pi4", "pi5"]]
+    assert _filters().mesh_gaps(hostvars, ["mini1", "mini2", "pi4"]) == []
+    local = {host: {"cluster_interfaces": []} for host in hosts}
+    assert _filters().mesh_gaps(local, hosts) == []
+
+
 def test_duplicate_address_and_split_subnet_are_reported(cluster_inventory) -> None:
     hostvars, groups = cluster_inventory
     hostvars = json.loads(json.dumps(hostvars))
