@@ -301,3 +301,25 @@ def test_preflight_says_what_a_fresh_mac_lacks(mac: dict[str, Path]) -> None:
     assert result.returncode == 2, show(result)
     assert "mini1: macOS needs the Xcode command line tools for /usr/bin/python3" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_site_stops_before_fact_gathering_without_the_command_line_tools(
+    mac: dict[str, Path],
+) -> None:
+    """On a fresh Mac /usr/bin/python3 is only the tools' install shim, so fact gathering would
+    die first with a module failure: site.yml's first play (no facts, raw) says what to install."""
+    state = fake_macos.read_state(mac["state"])
+    state.update(clt=False)
+    (mac["state"] / "state.json").write_text(json.dumps(state))
+    uname = mac["bin"] / "uname"  # what a Mac's uname -s says
+    uname.write_text("#!/bin/sh\necho Darwin\n")
+    uname.chmod(0o755)
+    (mac["dir"] / "site.yml").write_text((REPO / "site.yml").read_text())
+    result = _run(mac, "site.yml")
+    assert result.returncode == 2, show(result)
+    for host in ("mini1", "macbook"):
+        assert f"{host}: macOS needs the Xcode command line tools for /usr/bin/python3" in (
+            result.stdout
+        ), show(result)
+    assert "Gathering Facts" not in result.stdout, show(result)
+    assert [c["argv"] for c in fake_macos.calls(mac["state"])] == [["-p"], ["-p"]]
