@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -90,8 +91,8 @@ def test_doctor_says_ok_for_every_host_and_changes_nothing(cluster) -> None:
 
 def test_train_with_doctor_stops_naming_a_wrong_secret_and_a_stopped_port(cluster) -> None:
     """Broken on purpose: mini2 holds another cluster secret, pi4 dials an address where no
-    server listens. `train.yml -e doctor=true` fails before any job starts, with one line for
-    each of them naming the cause, and ok for the others."""
+    server listens, the MacBook's SSH port is closed. `train.yml -e doctor=true` fails before
+    any job starts, with one line for each of them naming the cause, and ok for the others."""
     work = cluster["work"]
     secret = work / ".local-cluster" / "mini2" / "config" / "secret"
     original = secret.read_text()
@@ -99,17 +100,24 @@ def test_train_with_doctor_stops_naming_a_wrong_secret_and_a_stopped_port(cluste
     # Playbook host_vars beat the inventory's: pi4 alone dials 127.0.0.3, where nothing listens.
     (work / "host_vars").mkdir()
     (work / "host_vars" / "pi4.yml").write_text("cluster_dial_address: 127.0.0.3\n")
+    # The MacBook is reached over SSH on a loopback port where no sshd listens.
+    ssh = f"ansible_connection: ssh\nansible_host: 127.0.0.1\nansible_port: {free_port()}\n"
+    (work / "host_vars" / "macbook.yml").write_text(ssh)
     try:
         result = playbook(work, "train.yml", "-e", "doctor=true", "-e", "max_steps=5",
                           *cluster["extra"])  # fmt: skip
     finally:
         secret.write_text(original)
-        (work / "host_vars" / "pi4.yml").unlink()
-        (work / "host_vars").rmdir()
+        shutil.rmtree(work / "host_vars")
     assert result.returncode != 0, show(result)
     lines = doctor_lines(result.stdout)
     assert set(lines) == HOSTS, show(result)
-    assert {h for h, line in lines.items() if line != "ok"} == {"mini2", "pi4"}, lines
+    assert {h for h, line in lines.items() if line != "ok"} == {"mini2", "pi4", "macbook"}, lines
+    assert lines["macbook"].startswith(
+        "ssh: macbook: cannot log in as the default user at "
+        "127.0.0.1 (Failed to connect to the host via ssh"
+    ), lines
+    assert "Connection refused); fix: check ansible_host and ansible_user" in lines["macbook"]
     assert lines["mini2"].startswith("handshake: mini2 reached 127.0.0.1:"), lines
     assert "cluster secret differs from the server's; fix: run site.yml" in lines["mini2"]
     refused = r"handshake: pi4 cannot connect to 127\.0\.0\.3:\d+: \[Errno 111\] ECONNREFUSED "
