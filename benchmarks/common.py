@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -13,6 +12,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from smolcluster.events import RecordStream, of_kind, read_records
 
 REPO = Path(__file__).resolve().parents[1]
 LOOPBACK = "127.0.0.1"  # the network rule: loopback, or only namespaces of our own (links.py)
@@ -154,13 +155,21 @@ def cpu_marks(steps: int) -> tuple[int, int]:
 
 
 def step_counter(path: Path) -> Callable[[], int]:
-    """How many step events a metrics file holds so far (for ProcessGroup.wait marks)."""
+    """How many step events a metrics file holds so far (for ProcessGroup.wait marks); each
+    call parses only what the file gained since the last."""
+    stream, offset, steps = RecordStream(str(path)), 0, 0
 
     def count() -> int:
+        nonlocal offset, steps
         try:
-            return path.read_bytes().count(b'"event": "step"')
+            with path.open("rb") as handle:
+                handle.seek(offset)
+                chunk = handle.read()
         except OSError:
-            return 0
+            return steps
+        offset += len(chunk)
+        steps += sum(1 for record in stream.feed(chunk) if record["event"] == "step")
+        return steps
 
     return count
 
@@ -172,12 +181,13 @@ def tail(path: Path, lines: int = 15) -> str:
         return "(no log)"
 
 
-def read_events(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def read_events(path: Path) -> list[Any]:
+    """The file's records, checked against smolcluster/events.py."""
+    return list(read_records(path))
 
 
-def of(events: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
-    return [e for e in events if e.get("event") == kind]
+def of(events: list[Any], kind: str) -> list[Any]:
+    return of_kind(events, kind)
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Re-measure the README's results table on full MNIST (60,000 train / 10,000 test) with plain
 # smolcluster commands: a server and 3 workers as processes on 127.0.0.1, batch 32 per worker.
-#   scripts/mnist_results.sh [out-dir]          (default runs/mnist-results; ~20 min on 2 cores)
+#   scripts/mnist_results.sh [out-dir]          (default runs/mnist-results; ~30 min on 2 cores)
 #   EPOCHS=1 ROWS="sync elastic" scripts/mnist_results.sh   (fewer epochs, some rows)
 # Prints one Markdown row per run; every run's metrics stay in <out-dir>/<row>/metrics/.
 set -euo pipefail
@@ -12,25 +12,48 @@ epochs=${EPOCHS:-2}
 mkdir -p "$out"
 smolcluster data fetch --root "$out/data"
 
-# row <name> <kill-worker-at-fraction|-> key=value... : configs, run, print the row.
+# past <metrics.jsonl> <fraction>: return once that worker is past the fraction of its steps.
+past() {
+  python - "$1" "$2" <<'PY'
+import sys, time
+from pathlib import Path
+from smolcluster.events import read_records
+path, frac = Path(sys.argv[1]), float(sys.argv[2])
+total, step = None, 0
+while total is None or step < frac * total:
+    time.sleep(0.2)
+    try:
+        for e in read_records(path):  # a line still being written is left for the next pass
+            total = e["total_steps"] if e["event"] == "start" else total
+            step = e["step"] if e["event"] == "step" else step
+    except FileNotFoundError:
+        continue
+print(f"{path}: past step {step} of {total}", file=sys.stderr)
+PY
+}
+
+# row <name> <events|-> key=value... : configs, run, print the row. <events> is a comma list of
+# join:<fraction> (a 4th worker, pi4, starts once mini2 is past that fraction of its steps) and
+# kill:<fraction> (mini3 is killed once it is past that fraction of its own steps), in order.
 row() {
-  local name=$1 kill_at=$2
+  local name=$1 events=$2
   shift 2
-  local dir="$out/$name"
+  local dir="$out/$name" hosts=(mini2 mini3 pi5)
+  [[ $events == *join:* ]] && hosts+=(pi4)
   rm -rf "$dir" && mkdir -p "$dir"
-  python - "$dir" "$out/data" "$epochs" "$@" <<'PY'
+  python - "$dir" "$out/data" "$epochs" "${hosts[*]}" "$@" <<'PY'
 import socket, sys, yaml
 from pathlib import Path
 from smolcluster.protocol import write_secret
-d, data, epochs, *pairs = sys.argv[1:]
+d, data, epochs, hosts, *pairs = sys.argv[1:]
 extra = {k: yaml.safe_load(v) for k, v in (p.split("=", 1) for p in pairs)}
 nn_keys = {"lr_schedule", "eval_steps", "max_steps"}
 with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-workers = ["mini2", "mini3", "pi5"]
+workers = hosts.split()
 cluster = {"host_ip": dict.fromkeys(["mini1", *workers], "127.0.0.1"), "port": port,
-           "num_workers": 3, "workers": workers, "server": "mini1", "seed": 42,
+           "num_workers": len(workers), "workers": workers, "server": "mini1", "seed": 42,
            "bind_address": "127.0.0.1", "secret_file": "secret", "metrics_dir": "metrics",
            "wandb_mode": "disabled", "torch_threads": 1, "step_timeout_s": 20.0,
            **{k: v for k, v in extra.items() if k not in nn_keys}}
@@ -43,43 +66,52 @@ write_secret(Path(d, "secret"))
 PY
   local args=(--cluster-config "$dir/cluster_config.yaml" --nn-config "$dir/nn_config.yaml")
   smolcluster server "${args[@]}" >"$dir/mini1.log" 2>&1 &
-  local server=$! pids=()
+  local server=$! event
+  declare -A pid=()
   for host in mini2 mini3 pi5; do
     smolcluster worker "${args[@]}" --host "$host" >"$dir/$host.log" 2>&1 &
-    pids+=($!)
+    pid[$host]=$!
   done
-  if [ "$kill_at" != - ]; then  # kill mini3 once it is past kill_at of its own steps
-    python - "$dir/metrics/mini3.jsonl" "$kill_at" <<'PY'
-import json, sys, time
-path, frac = sys.argv[1], float(sys.argv[2])
-total, step = None, 0
-while total is None or step < frac * total:
-    time.sleep(0.2)
-    try:
-        for line in open(path):
-            e = json.loads(line)
-            total = e.get("total_steps", total) if e["event"] == "start" else total
-            step = e.get("step", step) if e["event"] == "step" else step
-    except (OSError, ValueError):
-        continue
-print(f"killing mini3 at its step {step} of {total}", file=sys.stderr)
+  [ "$events" = - ] || for event in ${events//,/ }; do
+    case $event in
+      join:*) # pi4 starts now with torch imported and connects on the go file, so the join
+        # happens at the chosen point and not some 10-30 s of Python start-up later.
+        python - "$dir/go" "${args[@]}" --host pi4 >"$dir/pi4.log" 2>&1 <<'PY' &
+import sys, time
+from pathlib import Path
+import smolcluster.worker, torch  # noqa: F401  (the slow imports, before the go)
+from smolcluster.cli import main
+while not Path(sys.argv[1]).exists():
+    time.sleep(0.05)
+sys.exit(main(["worker", *sys.argv[2:]]))
 PY
-    kill -9 "${pids[1]}"
-  fi
+        pid[pi4]=$!
+        past "$dir/metrics/mini2.jsonl" "${event#join:}"
+        touch "$dir/go" ;;
+      kill:*) past "$dir/metrics/mini3.jsonl" "${event#kill:}"
+        kill -9 "${pid[mini3]}" ;;
+    esac
+  done
   wait "$server"
-  for pid in "${pids[@]}"; do wait "$pid" || true; done
+  for host in "${!pid[@]}"; do wait "${pid[$host]}" || true; done
   if [ "$name" = sync ]; then  # the one-process baseline on the same samples and steps
     smolcluster local "${args[@]}" >"$dir/local.log" 2>&1
   fi
-  python - "$dir" "$name" "$kill_at" <<'PY'
-import json, sys
+  python - "$dir" "$name" "$events" <<'PY'
+import sys
 from pathlib import Path
-d, name, kill_at = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+from smolcluster.events import of_kind, read_records
+d, name, events = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+said = {"join": "pi4 joined at {:.0%}", "kill": "mini3 killed at {:.0%}"}
 def summary(host):
-    events = [json.loads(l) for l in (d / "metrics" / f"{host}.jsonl").read_text().splitlines()]
-    return next(e for e in events if e["event"] == "summary")
+    return of_kind(read_records(d / "metrics" / f"{host}.jsonl"), "summary")[0]
 s = summary("mini1")
-cells = [name + ("" if kill_at == "-" else f", mini3 killed at {float(kill_at):.0%}"),
+happened = [said[k].format(float(v)) for k, v in (e.split(":") for e in events.split(",") if ":" in e)]
+merges = [e for e in of_kind(read_records(d / "metrics" / "mini1.jsonl"), "step") if e.get("host")]
+if "join:" in events and merges:  # where the join really landed, from the server's own record
+    first = next((i for i, e in enumerate(merges) if e["host"] == "pi4"), None)
+    happened[0] += f" (first merge {first + 1} of {len(merges)})" if first is not None else " (never merged)"
+cells = [", ".join([name, *happened]),
          str(s["steps"]) + (" merges" if s.get("mode") == "elastic" else ""),
          f"{s['final_accuracy']:.4f}"]
 if name == "sync":
@@ -92,7 +124,7 @@ print("| " + " | ".join(cells) + " |", flush=True)
 PY
 }
 
-rows=${ROWS:-sync sync-int8 sync-cosine sync-cosine-kill elastic elastic-kill}
+rows=${ROWS:-sync sync-int8 sync-cosine sync-cosine-kill-early sync-cosine-kill sync-cosine-kill-late elastic elastic-kill elastic-join-kill}
 echo "| run | steps | test accuracy |"
 echo "|---|---|---|"
 for name in $rows; do
@@ -100,9 +132,13 @@ for name in $rows; do
     sync) row sync - ;;
     sync-int8) row sync-int8 - use_quantization=true ;;
     sync-cosine) row sync-cosine - lr_schedule=cosine ;;
-    sync-cosine-kill) row sync-cosine-kill 0.4 lr_schedule=cosine ;;
+    sync-cosine-kill-early) row sync-cosine-kill-early kill:0.1 lr_schedule=cosine ;;
+    sync-cosine-kill) row sync-cosine-kill kill:0.4 lr_schedule=cosine ;;
+    sync-cosine-kill-late) row sync-cosine-kill-late kill:0.8 lr_schedule=cosine ;;
     elastic) row elastic - mode=elastic lr_schedule=cosine push_interval=10 ;;
-    elastic-kill) row elastic-kill 0.4 mode=elastic lr_schedule=cosine push_interval=10 ;;
+    elastic-kill) row elastic-kill kill:0.4 mode=elastic lr_schedule=cosine push_interval=10 ;;
+    elastic-join-kill) row elastic-join-kill join:0.1,kill:0.4 mode=elastic lr_schedule=cosine \
+      push_interval=10 min_workers=3 ;;
     *) echo "unknown row $name" >&2; exit 2 ;;
   esac
 done

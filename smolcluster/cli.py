@@ -6,8 +6,16 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Literal, get_args, get_origin
 
-from smolcluster.config import OVERRIDES, ConfigError, Settings, load_settings
+from smolcluster.config import (
+    OVERRIDES,
+    ConfigError,
+    Settings,
+    config_fields,
+    load_settings,
+    value_type,
+)
 from smolcluster.doctor import add_doctor_parser
 
 log = logging.getLogger("smolcluster")
@@ -119,33 +127,35 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--nn-config", type=Path, help="model/training YAML (default: the packaged config)"
     )
-    parser.add_argument("--epochs", type=int)
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--lr", type=float)
-    parser.add_argument("--max-steps", type=int)
-    parser.add_argument("--eval-steps", type=int)
-    parser.add_argument("--mode", choices=["sync", "elastic"])
-    parser.add_argument("--backend", choices=["socket", "gloo"])
-    parser.add_argument(
-        "--balance", choices=["off", "auto"], help="sync: size batches by worker throughput"
-    )
-    parser.add_argument("--port", type=int)
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--metrics-dir", type=Path)
-    parser.add_argument("--data-root", type=Path)
-    parser.add_argument(
-        "--quantize",
-        dest="use_quantization",
-        action="store_true",
-        default=None,
-        help="int8 on the wire",
-    )
-    parser.add_argument("--no-quantize", dest="use_quantization", action="store_false")
+    for name, (which, key) in OVERRIDES.items():
+        _override_arg(parser, name, which, key)
+
+
+# Older spellings kept for people's scripts.
+FLAG_ALIASES = {"use_quantization": ["--quantize"]}
+
+
+def _override_arg(parser: argparse.ArgumentParser, name: str, which: str, key: str) -> None:
+    """One flag per override, with the type and choices of the key it sets."""
+    kind = value_type(config_fields(which)[key])
+    flags = [f"--{name.replace('_', '-')}", *FLAG_ALIASES.get(name, [])]
+    help_ = f"sets {key} of the {which} config"
+    if kind is bool:
+        action = argparse.BooleanOptionalAction
+        parser.add_argument(*flags, dest=name, action=action, default=None, help=help_)
+    elif get_origin(kind) is Literal:
+        parser.add_argument(*flags, dest=name, choices=get_args(kind), help=help_)
+    else:
+        parser.add_argument(*flags, dest=name, type=kind, help=help_)
+
+
+def _load(args: argparse.Namespace) -> Settings:
+    overrides = {flag: getattr(args, flag, None) for flag in OVERRIDES}
+    return load_settings(args.cluster_config, args.nn_config, overrides)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    overrides = {flag: getattr(args, flag, None) for flag in OVERRIDES}
-    settings = load_settings(args.cluster_config, args.nn_config, overrides)
+    settings = _load(args)
     if settings.cluster.torch_threads:
         import torch
 
@@ -212,7 +222,7 @@ def _run_local(args: argparse.Namespace) -> int:
 
 
 def _run_check(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = _load(args)  # no torch: the trainer role runs this on every host
     cfg = settings.cluster
     print(
         f"ok: {settings.cluster_file} and {settings.nn_file}: server {cfg.server}, "

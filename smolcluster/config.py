@@ -7,13 +7,15 @@ file and the key, which the CLI prints as a single line with exit status 2.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 
@@ -125,6 +127,8 @@ class ClusterConfig(_Strict):
         if self.balance == "auto" and (self.mode, self.backend) != ("sync", "socket"):
             where = f"mode {self.mode}, backend {self.backend}"
             raise _KeyError("balance", f"auto needs mode sync and backend socket, not {where}")
+        if self.use_quantization and self.backend == "gloo":  # gloo all-reduces fp32 only
+            raise _KeyError("use_quantization", "true needs backend socket, not backend gloo")
         return self
 
     def rank_of(self, host: str) -> int:
@@ -200,11 +204,40 @@ class Settings:
         return _resolve(_base_dir(self.nn_file), self.nn.dataset.root)
 
 
-# CLI flag -> (which file, dotted key). Flags override the files after both are read.
+MODELS: dict[str, type[BaseModel]] = {"cluster": ClusterConfig, "nn": NNConfig}
+
+
+def config_fields(which: str) -> dict[str, FieldInfo]:
+    """Every key of one file ("cluster" or "nn"), nested sections as dotted keys (`model.out`).
+
+    The one list of knobs: the CLI flags, the README tables and the Ansible role are checked
+    against it (tests/test_config_contract.py).
+    """
+    return dict(_fields(MODELS[which]))
+
+
+def _fields(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, FieldInfo]]:
+    for name, field in model.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            yield from _fields(field.annotation, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", field
+
+
+def value_type(field: FieldInfo) -> Any:
+    """The type a key's value has when set: `int | None` is int; a Literal stays a Literal."""
+    kind = field.annotation
+    args = [arg for arg in get_args(kind) if arg is not type(None)]
+    return args[0] if get_origin(kind) is UnionType and len(args) == 1 else kind
+
+
+# Short name -> (which file, dotted key): the CLI's flags (--max-steps) and train.yml's -e
+# overrides (-e max_steps=...) both use these names. Overrides apply after both files are read.
 OVERRIDES: dict[str, tuple[str, str]] = {
     "epochs": ("nn", "num_epochs"),
     "batch_size": ("nn", "batch_size"),
     "lr": ("nn", "learning_rate"),
+    "lr_schedule": ("nn", "lr_schedule"),
     "max_steps": ("nn", "max_steps"),
     "eval_steps": ("nn", "eval_steps"),
     "data_root": ("nn", "dataset.root"),
@@ -215,6 +248,14 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "metrics_dir": ("cluster", "metrics_dir"),
     "use_quantization": ("cluster", "use_quantization"),
     "seed": ("cluster", "seed"),
+    "min_workers": ("cluster", "min_workers"),
+    "checkpoint_every": ("cluster", "checkpoint_every"),
+    "connect_retries": ("cluster", "connect_retries"),
+    "connect_backoff_s": ("cluster", "connect_backoff_s"),
+    "handshake_timeout_s": ("cluster", "handshake_timeout_s"),
+    "join_timeout_s": ("cluster", "join_timeout_s"),
+    "step_timeout_s": ("cluster", "step_timeout_s"),
+    "heartbeat_interval_s": ("cluster", "heartbeat_interval_s"),
 }
 
 

@@ -22,16 +22,19 @@ import select
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
 
-from smolcluster import quantize
+from smolcluster.checkpoint import Checkpointer, Progress
+from smolcluster.codec import FP32, Codec, ErrorFeedback
+from smolcluster.config import Settings
+from smolcluster.data import ShardLoader
+from smolcluster.evaluator import Evaluator
+from smolcluster.hub import Hub, Peer, Received
 from smolcluster.metrics import Metrics
 from smolcluster.plan import Plan
 from smolcluster.protocol import (
-    FLAG_INT8,
     Connection,
     Frame,
     MsgType,
@@ -40,10 +43,6 @@ from smolcluster.protocol import (
 )
 from smolcluster.replica import Replica
 
-if TYPE_CHECKING:
-    from smolcluster.data import ShardLoader
-    from smolcluster.server import Peer, Server
-
 log = logging.getLogger("smolcluster")
 
 
@@ -51,172 +50,198 @@ def push_interval(server_cfg) -> int:
     return server_cfg.push_interval or server_cfg.worker_update_interval
 
 
-def merge_weight(cfg, staleness: int, samples: int, batch_size: int, active: int) -> float:
-    """How much of a pushed delta the outer step takes, before server_lr (module doc)."""
-    share = min(1.0, samples / (push_interval(cfg) * batch_size))
-    return (1 + staleness) ** -cfg.staleness_exponent * share / max(1, active)
+def eval_interval(server_cfg, eval_steps: int) -> int:
+    """Pushes between evaluations: about as many evaluations as sync's eval_steps gives."""
+    return max(1, eval_steps // push_interval(server_cfg))
+
+
+def staleness_damping(staleness: int, exponent: float) -> float:
+    """(1 + s) ** -exponent: a push made from an older version counts less."""
+    return (1 + staleness) ** -exponent
+
+
+def merge_weight(
+    staleness: int, samples: int, push_interval: int, batch_size: int, active: int, exponent: float
+) -> float:
+    """How much of a pushed delta the outer step takes, before server_lr (module doc): damped
+    by staleness, scaled by the push's share of a full K * b push, split among the active."""
+    share = min(1.0, samples / (push_interval * batch_size))
+    return staleness_damping(staleness, exponent) * share / max(1, active)
+
+
+def outer_step(
+    params: torch.Tensor,
+    delta: torch.Tensor,
+    momentum: torch.Tensor,
+    weight: float,
+    lr: float,
+    mu: float,
+) -> None:
+    """w <- w - lr * (g + mu * m) with m <- mu * m + g, g = weight * delta (in place; delta
+    ends up holding the step before lr).
+
+    Nesterov momentum over pushes, as DiLoCo's outer optimizer; mu = 0 is plain SGD.
+    """
+    delta.mul_(weight)
+    if mu:
+        momentum.mul_(mu).add_(delta)
+        delta.add_(momentum, alpha=mu)
+    params.sub_(delta, alpha=lr)
 
 
 class ElasticLoop:
     """The server side: admit, merge pushes, answer with weights, evict the silent."""
 
-    def __init__(self, server: Server, plan: Plan, replica: Replica, metrics: Metrics) -> None:
-        self.server, self.plan, self.replica, self.metrics = server, plan, replica, metrics
-        self.cfg = server.cfg
-        self.batch_size = server.settings.nn.batch_size
+    def __init__(
+        self,
+        hub: Hub,
+        settings: Settings,
+        plan: Plan,
+        replica: Replica,
+        progress: Progress,
+        codec: Codec,
+    ) -> None:
+        self.hub, self.plan, self.replica, self.progress = hub, plan, replica, progress
+        self.codec = codec
+        self.cfg = settings.cluster
+        self.batch_size = settings.nn.batch_size
         # The same number of samples a sync run of this plan would process.
         self.budget = plan.total_steps * self.cfg.num_workers * self.batch_size
         self.delta = torch.zeros(replica.numel)
         # The outer optimizer's momentum. The server's own Adam is idle in elastic mode, so the
         # buffer lives in its first-moment slot: checkpoints and --resume carry it for free.
         self.momentum = replica.state_tensors()[1]
-        # For int8 replies: the weights each worker holds of ours, so we send exact differences.
+        # Lossy codec: the weights each worker holds of ours, so replies are exact differences.
         self.mirrors: dict[Peer, torch.Tensor] = {}
-        eval_every = max(1, server.settings.nn.eval_steps // push_interval(self.cfg))
-        server.evaluator.every = eval_every
 
-    def run(self) -> None:
-        server = self.server
-        progress = tqdm(
+    def run(self, metrics: Metrics, evaluator: Evaluator, checkpoints: Checkpointer) -> None:
+        hub, progress = self.hub, self.progress
+        bar = tqdm(
             total=self.budget,
-            initial=server.samples_merged,
+            initial=progress.samples_merged,
             desc="samples",
             unit="sample",
             disable=not sys.stderr.isatty(),
         )
-        while server.samples_merged < self.budget:
-            self._admit()
-            self._evict_silent()
-            if not server.active and not server.pending:
-                server._wait_for_rejoin()
+        while progress.samples_merged < self.budget:
+            self.admit()
+            self.evict_silent()
+            if not hub.active and not hub.pending:
+                hub.wait_for_rejoin()
                 continue
-            event = server.next_event(0.5)
+            event = hub.next_event(0.5)
             if event is None:
                 continue
-            from smolcluster.server import Received
-
             if not isinstance(event, Received):
-                server._handle_membership(event)
+                hub.handle_membership(event)
                 continue
-            if event.peer not in server.active:
+            if event.peer not in hub.active:
                 continue
             try:
-                merged = self._merge(event.peer, event.frame)
+                merged = self.merge(event.peer, event.frame, metrics)
             except ProtocolError as exc:
-                server.drop(event.peer, str(exc), error=True)
+                hub.drop(event.peer, str(exc), error=True)
                 continue
-            progress.update(merged)
-            last = server.samples_merged >= self.budget
-            server.evaluator.maybe(
-                server.step, float(event.frame.meta.get("loss", float("nan"))), final=last
+            bar.update(merged)
+            last = progress.samples_merged >= self.budget
+            evaluator.maybe(
+                progress.step, float(event.frame.meta.get("loss", float("nan"))), final=last
             )
-            server.boundary(self.replica)
-        progress.close()
+            checkpoints.boundary()
+        bar.close()
 
-    def _admit(self) -> None:
-        server = self.server
-        for peer in list(server.pending):
+    def admit(self) -> None:
+        hub = self.hub
+        for peer in list(hub.pending):
             meta = {
-                "version": server.step,
+                "version": self.progress.step,
                 "push_interval": push_interval(self.cfg),
                 "numel": self.replica.numel,
                 "total_steps": self.plan.total_steps,
-                "progress": self.progress,
+                "progress": self.run_progress,
             }
-            if server.send_to(peer, MsgType.START, meta, self.replica.params.numpy()):
-                server.pending.remove(peer)
-                server.active.append(peer)
-                server.history.append(peer)
+            if hub.activate(peer, meta, self.replica.params.numpy()):
                 peer.last_seen = time.monotonic()  # its heartbeats start with START
-                if self.cfg.use_quantization:
+                if not self.codec.exact:
                     self.mirrors[peer] = self.replica.params.clone()
-                log.info("%s starts at version %d", peer.name, server.step)
+                log.info("%s starts at version %d", peer.name, self.progress.step)
 
     @property
-    def progress(self) -> float:
+    def run_progress(self) -> float:
         """How far the run is (samples merged / budget): the workers' lr schedule follows it."""
-        return round(min(1.0, self.server.samples_merged / self.budget), 6)
+        return round(min(1.0, self.progress.samples_merged / self.budget), 6)
 
-    def _evict_silent(self) -> None:
+    def evict_silent(self) -> None:
         now = time.monotonic()
-        for peer in list(self.server.active):
+        for peer in list(self.hub.active):
             if now - peer.last_seen > self.cfg.heartbeat_timeout_s:
-                self.server.drop(peer, f"silent for {now - peer.last_seen:.0f} s")
+                self.hub.drop(peer, f"silent for {now - peer.last_seen:.0f} s")
                 self.mirrors.pop(peer, None)
 
-    def _merge(self, peer: Peer, frame: Frame) -> int:
-        server, meta = self.server, frame.meta
+    def merge(self, peer: Peer, frame: Frame, metrics: Metrics) -> int:
+        """Apply one PUSH to the global weights and answer it; returns its sample count."""
+        hub, progress, meta = self.hub, self.progress, frame.meta
         if frame.type != MsgType.PUSH:
             raise ProtocolError(f"unexpected {frame.type.name} in elastic mode")
         base, samples = meta.get("base_version"), meta.get("samples")
-        if not isinstance(base, int) or not 0 <= base <= server.step:
-            raise ProtocolError(f"push from version {base!r}, current is {server.step}")
+        if not isinstance(base, int) or not 0 <= base <= progress.step:
+            raise ProtocolError(f"push from version {base!r}, current is {progress.step}")
         if not isinstance(samples, int) or samples <= 0:
             raise ProtocolError("push without a valid sample count")
         steps, loss = meta.get("steps", 0), meta.get("loss", float("nan"))
         if not isinstance(steps, int) or steps < 0 or not isinstance(loss, int | float):
             raise ProtocolError("push without a valid step count and loss")
-        _decode_into(frame, self.delta)
+        self.codec.read(frame, self.replica.numel, out=self.delta)
         if not torch.isfinite(self.delta.sum()):
             raise ProtocolError("non-finite update")
-        staleness = server.step - base
-        weight = merge_weight(self.cfg, staleness, samples, self.batch_size, len(server.active))
-        self._outer_step(weight)
-        server.step += 1
-        server.samples_merged += samples
+        staleness = progress.step - base
+        weight = merge_weight(
+            staleness,
+            samples,
+            push_interval(self.cfg),
+            self.batch_size,
+            len(hub.active),
+            self.cfg.staleness_exponent,
+        )
+        outer_step(
+            self.replica.params,
+            self.delta,
+            self.momentum,
+            weight,
+            self.cfg.server_lr,
+            self.cfg.server_momentum,
+        )
+        progress.step += 1
+        progress.samples_merged += samples
         peer.samples += samples
         peer.steps += steps
-        self._reply(peer, bool(meta.get("pull")))
-        self.metrics.write(
+        self.reply(peer, bool(meta.get("pull")))
+        metrics.write(
             "step",
-            step=server.step,
+            step=progress.step,
             host=peer.host,
             staleness=staleness,
             merge_weight=round(self.cfg.server_lr * weight, 6),
-            samples=server.samples_merged,
+            samples=progress.samples_merged,
             loss=meta.get("loss"),
-            workers=len(server.active),
-            bytes_sent=sum(p.conn.bytes_sent for p in server.history),
-            bytes_recv=sum(p.conn.bytes_recv for p in server.history),
+            workers=len(hub.active),
+            bytes_sent=hub.bytes_sent,
+            bytes_recv=hub.bytes_recv,
         )
         return samples
 
-    def _outer_step(self, weight: float) -> None:
-        """w <- w - server_lr * (g + mu * m) with m <- mu * m + g, g = weight * delta.
-
-        Nesterov momentum over pushes, as DiLoCo's outer optimizer; mu = 0 is plain SGD.
-        """
-        mu, lr = self.cfg.server_momentum, self.cfg.server_lr
-        self.delta.mul_(weight)
-        if mu:
-            self.momentum.mul_(mu).add_(self.delta)
-            self.delta.add_(self.momentum, alpha=mu)
-        self.replica.params.sub_(self.delta, alpha=lr)
-
-    def _reply(self, peer: Peer, pull: bool) -> None:
-        meta = {"version": self.server.step, "weights": pull, "progress": self.progress}
+    def reply(self, peer: Peer, pull: bool) -> None:
+        meta = {"version": self.progress.step, "weights": pull, "progress": self.run_progress}
+        codec, params = self.codec, self.replica.params
         if not pull:
-            self.server.send_to(peer, MsgType.WEIGHTS, meta)
-        elif self.cfg.use_quantization:
+            self.hub.send_to(peer, MsgType.WEIGHTS, meta)
+        elif codec.exact:
+            self.hub.send_to(peer, MsgType.WEIGHTS, meta, params.numpy(), codec.flags)
+        else:  # the difference from what the worker holds, which the worker adds
             mirror = self.mirrors[peer]
-            encoded = quantize.encode(self.replica.params - mirror)
-            mirror.add_(quantize.decode(encoded, self.replica.numel))
-            self.server.send_to(peer, MsgType.WEIGHTS, meta, encoded.numpy(), FLAG_INT8)
-        else:
-            self.server.send_to(peer, MsgType.WEIGHTS, meta, self.replica.params.numpy())
-
-
-def _decode_into(frame: Frame, out: torch.Tensor) -> None:
-    n = out.numel()
-    expected = quantize.encoded_nbytes(n) if frame.flags & FLAG_INT8 else n * 4
-    if frame.payload.nbytes != expected:
-        raise ProtocolError(
-            f"{frame.type.name} payload of {frame.payload.nbytes} bytes, expected {expected}"
-        )
-    if frame.flags & FLAG_INT8:
-        quantize.decode(torch.frombuffer(frame.payload, dtype=torch.uint8), n, out=out)
-    else:
-        out.copy_(torch.frombuffer(frame.payload, dtype=torch.float32))
+            encoded = codec.encode(params - mirror)
+            mirror.add_(codec.decode(encoded, self.replica.numel))
+            self.hub.send_to(peer, MsgType.WEIGHTS, meta, encoded.numpy(), codec.flags)
 
 
 def _progress(meta: dict, default: float = 0.0) -> float:
@@ -238,16 +263,18 @@ class ElasticSession:
         replica: Replica,
         throttle_s: float,
         counters,
+        codec: Codec,
     ) -> None:
         self.conn, self.cfg, self.loader, self.replica = conn, cfg, loader, replica
+        self.codec = codec
         self.throttle_s, self.counters = throttle_s, counters
         self.k = start.meta["push_interval"]
         self.version = start.meta["version"]
         self.progress = _progress(start.meta)
-        _decode_into(start, replica.params)
+        FP32.read(start, replica.numel, out=replica.params)
         self.anchor = replica.params.clone()  # where the current delta is measured from
         self.mirror = replica.params.clone()  # the global weights as we last received them
-        self.feedback = quantize.ErrorFeedback(replica.numel) if cfg.use_quantization else None
+        self.feedback = None if codec.exact else ErrorFeedback(codec, replica.numel)
         self.stop = threading.Event()
         self.heartbeat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
         self.heartbeat.start()
@@ -311,19 +338,17 @@ class ElasticSession:
         }
         if self.feedback is not None:
             encoded, _ = self.feedback.encode(delta)
-            self.conn.send(MsgType.PUSH, meta, encoded.numpy(), FLAG_INT8)
         else:
-            self.conn.send(MsgType.PUSH, meta, delta.numpy())
+            encoded = self.codec.encode(delta)
+        self.conn.send(MsgType.PUSH, meta, encoded.numpy(), self.codec.flags)
         reply = self.conn.expect(MsgType.WEIGHTS, MsgType.DONE)
         if reply.type == MsgType.DONE:
             return True
         if reply.meta.get("weights"):
-            if reply.flags & FLAG_INT8:
-                delta_in = torch.empty(self.replica.numel)
-                _decode_into(reply, delta_in)
-                self.mirror.add_(delta_in)
-            else:
-                _decode_into(reply, self.mirror)
+            if self.codec.exact:
+                self.codec.read(reply, self.replica.numel, out=self.mirror)
+            else:  # a difference from the weights we hold
+                self.mirror.add_(self.codec.read(reply, self.replica.numel))
             self.replica.params.copy_(self.mirror)
             self.version = reply.meta["version"]
         self.progress = _progress(reply.meta, self.progress)

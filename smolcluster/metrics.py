@@ -1,7 +1,8 @@
 """Where a process reports what it did: a JSONL file, W&B, and a log line now and then.
 
 The JSONL file (<metrics_dir>/<host>.jsonl) is the source of truth the Ansible watcher and the
-report read; W&B mirrors it under the original tool's project name and run names.
+report read; its records are declared in smolcluster/events.py. W&B mirrors it under the
+original tool's project name and run names.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import os
 import time
 from pathlib import Path
 from typing import Any
+
+from smolcluster import events
 
 log = logging.getLogger("smolcluster")
 
@@ -37,7 +40,9 @@ class Metrics:
     ) -> None:
         metrics_dir.mkdir(parents=True, exist_ok=True)
         self.path = metrics_dir / f"{host}.jsonl"
+        _drop_torn_line(self.path)
         self._file = self.path.open("a", buffering=1)
+        self._reported: set[str] = set()
         self.role, self.host = role, host
         self.started = time.monotonic()
         self._wandb = None
@@ -50,7 +55,22 @@ class Metrics:
         return round(time.monotonic() - self.started, 4)
 
     def write(self, event: str, **fields: Any) -> None:
-        record = {"event": event, "time": round(time.time(), 3), "wall": self.wall, **fields}
+        """Append one record; its kind and fields must match smolcluster/events.py."""
+        record = {"event": event, "time": round(time.time(), 3), "wall": self.wall}
+        if event == "start":
+            record["schema"] = events.SCHEMA_VERSION
+        record.update(fields)
+        try:
+            events.validate(record)
+        except events.RecordError as exc:
+            # A programming error: tests (SMOLCLUSTER_STRICT_METRICS=1) fail on it; a training
+            # run must not die of it, so it logs the first bad record of each kind (not one
+            # line per step) and keeps every record, so nothing is lost.
+            if events.strict():
+                raise
+            if event not in self._reported:
+                self._reported.add(event)
+                log.error("metrics record does not match the schema (first of its kind): %s", exc)
         self._file.write(json.dumps(record) + "\n")
         if self._wandb is not None and event in ("step", "eval", "summary"):
             flat = {k: v for k, v in fields.items() if isinstance(v, int | float)}
@@ -66,6 +86,25 @@ class Metrics:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+def _drop_torn_line(path: Path) -> None:
+    """Cut a last line that lacks its newline (a job killed mid-write) before appending to the
+    file again (a resumed run), so the next record does not land on the same line."""
+    try:
+        with path.open("rb+") as handle:
+            if handle.seek(0, os.SEEK_END) == 0:
+                return
+            handle.seek(-1, os.SEEK_END)
+            if handle.read(1) == b"\n":
+                return
+            handle.seek(0)
+            data = handle.read()
+            keep = data.rfind(b"\n") + 1
+            handle.truncate(keep)
+            log.warning("%s: dropped a torn last line (%d bytes)", path, len(data) - keep)
+    except FileNotFoundError:
+        pass
 
 
 def _start_wandb(metrics_dir: Path, run_name: str, mode: str, config: dict[str, Any]) -> Any:

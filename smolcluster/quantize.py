@@ -44,20 +44,5 @@ def decode(buffer: torch.Tensor, n: int, out: torch.Tensor | None = None) -> tor
     return out.copy_(result)
 
 
-class ErrorFeedback:
-    """Carries what quantization dropped into the next message, so no update is lost for good."""
-
-    def __init__(self, n: int) -> None:
-        self.residual = torch.zeros(n, dtype=torch.float32)
-
-    def encode(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (encoded buffer, the values the receiver will decode)."""
-        corrected = values + self.residual
-        encoded = encode(corrected)
-        sent = decode(encoded, values.numel())
-        self.residual = corrected - sent
-        return encoded, sent
-
-
 def _blocks(n: int) -> int:
     return (n + BLOCK - 1) // BLOCK

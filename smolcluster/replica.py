@@ -30,6 +30,21 @@ def scheduled_lr(base: float, schedule: str, progress: float) -> float:
     raise ValueError(f"unknown lr_schedule {schedule!r}")
 
 
+def weighted_mean_into(out: torch.Tensor, parts: list[tuple[int, torch.Tensor]]) -> int:
+    """Set `out` to the sample-weighted mean of (samples, values) parts; returns the samples.
+
+    Parts are summed in the order given (callers use rank order): float addition is not
+    associative, and Adam's early, nearly sign-like steps turn last-bit differences into
+    visible ones, so every replica and the baseline must round exactly alike.
+    """
+    total = sum(n for n, _ in parts)
+    out.zero_()
+    for n, values in parts:
+        out.add_(values, alpha=n)
+    out.div_(total)
+    return total
+
+
 class Replica:
     def __init__(self, model: nn.Module, lr: float, schedule: str = "constant") -> None:
         self.model = model
@@ -105,18 +120,8 @@ class Replica:
         return hashlib.sha256(self.params.numpy().tobytes()).hexdigest()[:16]
 
     def average_into_grads(self, parts: list[tuple[int, torch.Tensor]]) -> int:
-        """Set self.grads to the sample-weighted mean of (samples, gradients) parts.
-
-        Parts are summed in the order given (callers use rank order): float addition is not
-        associative, and Adam's early, nearly sign-like steps turn last-bit differences into
-        visible ones, so every replica and the baseline must round exactly alike.
-        """
-        total = sum(n for n, _ in parts)
-        self.grads.zero_()
-        for n, grads in parts:
-            self.grads.add_(grads, alpha=n)
-        self.grads.div_(total)
-        return total
+        """Set self.grads to the sample-weighted mean of (samples, gradients) parts."""
+        return weighted_mean_into(self.grads, parts)
 
     def save(self, path: Path) -> None:
         """The trained weights as a plain state_dict (torch.load(..., weights_only=True))."""

@@ -4,17 +4,19 @@ The logs role fetches each host's files into <run-dir>/<host>/; this reads every
 found there, prints one summary line per host and draws <run-dir>/report.png: the server's
 training loss and test accuracy over steps with membership changes (joins, drops, rejoins)
 marked, each worker's samples/s, where its time went (compute / sending / waiting for the
-average), and the bytes each host moved. The title says which dataset the run used.
+average), and the bytes each host moved. The title says which dataset the run used. A malformed
+record (smolcluster/events.py declares them) is an error naming its file and line.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from smolcluster.events import MetricsFileError, StepRecord, read_records
 
 
 @dataclass
@@ -63,29 +65,22 @@ def load_run(run_dir: Path) -> list[HostRun]:
 
 def _load_host(path: Path) -> HostRun:
     run = HostRun(host=path.stem)
-    for raw in path.read_text().splitlines():
-        try:
-            event = json.loads(raw)
-        except ValueError:
-            continue
-        kind = event.get("event")
-        if kind == "start":
-            run.role = event.get("role", run.role)
-            run.start = event
-        elif kind == "step":
+    for event in read_records(path):
+        if event["event"] == "start":
+            run.role = event["role"]
+            run.start = dict(event)
+        elif event["event"] == "step":
             _step(run, event)
-        elif kind == "eval" and event.get("val_accuracy") is not None:
+        elif event["event"] == "eval":
             run.accuracy.append((event["step"], event["val_accuracy"]))
-        elif kind == "summary":
-            run.summary = event
+        else:
+            run.summary = dict(event)
     return run
 
 
-def _step(run: HostRun, event: dict[str, Any]) -> None:
-    step = event.get("step")
-    if not isinstance(step, int):
-        return
-    if event.get("loss") is not None:
+def _step(run: HostRun, event: StepRecord) -> None:
+    step = event["step"]
+    if event["loss"] is not None:
         run.loss.append((step, event["loss"]))
     if run.role == "server":
         if isinstance(event.get("batch_sizes"), dict):
@@ -93,7 +88,7 @@ def _step(run: HostRun, event: dict[str, Any]) -> None:
         elif isinstance(event.get("workers"), int):
             run.members.append((step, event["workers"]))
         return
-    run.last_step = event
+    run.last_step = dict(event)
     run.samples += event.get("samples") or 0
     compute, wait, total = event.get("compute_s"), event.get("wait_s"), event.get("step_time_s")
     if isinstance(compute, int | float):
@@ -310,7 +305,11 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    runs = load_run(args.run_dir)
+    try:
+        runs = load_run(args.run_dir)
+    except MetricsFileError as exc:
+        print(f"smolcluster: error: {exc}", file=sys.stderr)
+        return 2
     if not runs:
         print(
             f"smolcluster: error: {args.run_dir}: -: no <host>.jsonl metrics found", file=sys.stderr

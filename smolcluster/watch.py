@@ -2,7 +2,8 @@
 
 Reads the file directly for a local host, or over SFTP (paramiko) with the
 inventory's SSH settings, ProxyCommand included. Prints one line per step/eval
-and exits 0 when the summary event appears, 1 on timeout.
+and exits 0 when the summary event appears, 1 on timeout, 2 on a malformed record
+(named by file and line; the records are declared in smolcluster/events.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TextIO
+
+from smolcluster.events import (
+    MetricsFileError,
+    Record,
+    RecordStream,
+    StepRecord,
+    SummaryRecord,
+)
 
 LOCAL_CONNECTIONS = {"local"}
 
@@ -34,45 +43,42 @@ class Progress:
     loss: float | None = None
     accuracy: float | None = None
     accuracy_step: int | None = None
-    summary: dict[str, Any] | None = None
+    summary: SummaryRecord | None = None
+    error: str | None = None  # a malformed record stopped the reading here
     events: int = 0
     # (wall, step, cumulative samples, host that answered last) of recent step events
     recent: list[tuple[float, int, int, str | None]] = field(default_factory=list)
     samples_total: int = 0
 
-    def update(self, event: dict[str, Any]) -> str | None:
+    def update(self, event: Record) -> str | None:
         """Fold one event in; return a display line for step/eval/summary events."""
         self.events += 1
-        kind = event.get("event")
-        if kind == "start":
-            self.total_steps = event.get("total_steps")
-            self.mode = event.get("mode", self.mode)
+        if event["event"] == "start":
+            self.total_steps = event["total_steps"]
+            self.mode = event["mode"]
             return None
-        elif kind == "step":
-            self.step, self.epoch = event.get("step"), event.get("epoch", self.epoch)
-            if event.get("loss") is not None:
-                self.loss = event.get("loss")
+        elif event["event"] == "step":
+            self.step, self.epoch = event["step"], event.get("epoch", self.epoch)
+            if event["loss"] is not None:
+                self.loss = event["loss"]
             self._count(event)
-        elif kind == "eval":
-            self.accuracy = event.get("val_accuracy")
-            self.accuracy_step = event.get("step")
-        elif kind == "summary":
+        elif event["event"] == "eval":
+            self.accuracy = event["val_accuracy"]
+            self.accuracy_step = event["step"]
+        else:
             self.summary = event
             self.accuracy = event.get("final_accuracy", self.accuracy)
-            self.step = event.get("steps", self.step)
-        else:
-            return None
+            self.step = event["steps"]
         return self.line()
 
-    def _count(self, event: dict[str, Any]) -> None:
+    def _count(self, event: StepRecord) -> None:
         samples = event.get("samples") or 0
         # sync: samples of this step; elastic: samples merged so far.
         self.samples_total = samples if self.mode == "elastic" else self.samples_total + samples
         order = list(event.get("batch_sizes") or {})  # sync: in order of arrival
         last = order[-1] if len(order) > 1 else None
-        wall = event.get("wall")
-        if isinstance(wall, int | float) and isinstance(self.step, int):
-            self.recent = [*self.recent[-WINDOW:], (wall, self.step, self.samples_total, last)]
+        mark = (event["wall"], event["step"], self.samples_total, last)
+        self.recent = [*self.recent[-WINDOW:], mark]
 
     @property
     def samples_per_s(self) -> float | None:
@@ -97,6 +103,8 @@ class Progress:
         return max(set(lasts), key=lasts.count) if lasts else None
 
     def line(self) -> str:
+        if self.error is not None:
+            return f"error: {self.error}"
         if self.summary is not None:
             return (
                 f"done: {self.step} steps, accuracy {_fmt(self.accuracy)}, "
@@ -128,6 +136,7 @@ class Progress:
             "slowest": self.slowest,
             "eta_s": self.eta_s,
             "done": self.summary is not None,
+            "error": self.error,
             "line": self.line(),
         }
 
@@ -266,40 +275,38 @@ def inventory_host(inventory: str, host: str | None) -> tuple[str, dict[str, Any
     return host, json.loads(out)
 
 
-def follow(source: Source, out: TextIO, timeout_s: float, interval_s: float) -> int:
-    """Print progress lines until the summary event (0) or the timeout (1)."""
-    progress, offset, buffer = Progress(), 0, b""
+def follow(source: Source, name: str, out: TextIO, timeout_s: float, interval_s: float) -> int:
+    """Print progress lines until the summary event (0), the timeout (1) or a bad record (2)."""
+    progress, offset, stream = Progress(), 0, RecordStream(name)
     deadline = time.monotonic() + timeout_s
     while True:
         chunk = source.read_from(offset)
         offset += len(chunk)
-        buffer += chunk
-        *complete, buffer = buffer.split(b"\n")
-        for raw in complete:
-            line = _event_line(progress, raw)
-            if line:
-                print(line, file=out, flush=True)
-            if progress.summary is not None:
-                return 0
+        try:
+            for record in stream.feed(chunk):  # complete lines only: the writer may be mid-line
+                line = progress.update(record)
+                if line:
+                    print(line, file=out, flush=True)
+                if progress.summary is not None:
+                    return 0
+        except MetricsFileError as exc:
+            print(f"smolcluster: error: {exc}", file=sys.stderr)
+            return 2
         if time.monotonic() >= deadline:
             print(f"smolcluster: error: no summary within {timeout_s:.0f}s", file=sys.stderr)
             return 1
         time.sleep(interval_s)
 
 
-def _event_line(progress: Progress, raw: bytes) -> str | None:
-    try:
-        event = json.loads(raw)
-    except ValueError:
-        return None  # a line still being written, or noise
-    return progress.update(event) if isinstance(event, dict) else None
-
-
 def status(path: Path) -> dict[str, Any]:
-    """One-shot summary of a local metrics file (used by the job status probe)."""
+    """One-shot summary of a local metrics file (used by the job status probe); a malformed
+    record ends the reading and its file:line becomes the progress line."""
     progress = Progress()
-    for raw in LocalSource(path).read_from(0).split(b"\n"):
-        _event_line(progress, raw)
+    try:
+        for record in RecordStream(str(path)).feed(LocalSource(path).read_from(0)):
+            progress.update(record)
+    except MetricsFileError as exc:
+        progress.error = str(exc)
     return progress.as_dict()
 
 
@@ -337,15 +344,15 @@ def run_watch(args: argparse.Namespace) -> int:
         name, hostvars = inventory_host(args.inventory, args.host)
         metrics = args.metrics or _default_metrics(name, hostvars)
         if hostvars.get("ansible_connection") in LOCAL_CONNECTIONS:
-            source = LocalSource(Path(metrics))
+            source, where = LocalSource(Path(metrics)), metrics
         else:
-            source = SFTPSource(ssh_settings(hostvars, name), metrics)
+            source, where = SFTPSource(ssh_settings(hostvars, name), metrics), f"{name}:{metrics}"
     elif args.metrics:
-        source = LocalSource(Path(args.metrics))
+        source, where = LocalSource(Path(args.metrics)), args.metrics
     else:
         print("smolcluster: error: give --metrics or --inventory", file=sys.stderr)
         return 2
-    return follow(source, sys.stdout, args.timeout, args.interval)
+    return follow(source, where, sys.stdout, args.timeout, args.interval)
 
 
 def _default_metrics(name: str, hostvars: dict[str, Any]) -> str:

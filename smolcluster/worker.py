@@ -13,15 +13,13 @@ import logging
 import socket
 import time
 
-import torch
-
-from smolcluster import quantize
+from smolcluster import codec
 from smolcluster.config import Settings
 from smolcluster.data import ShardLoader
+from smolcluster.elastic import ElasticSession
 from smolcluster.metrics import Metrics, run_name
 from smolcluster.plan import load_train, make_plan, shard_loader
 from smolcluster.protocol import (
-    FLAG_INT8,
     Connection,
     Deadlines,
     MsgType,
@@ -31,6 +29,7 @@ from smolcluster.protocol import (
     read_secret,
 )
 from smolcluster.replica import Replica
+from smolcluster.sync import SyncWorker
 
 log = logging.getLogger("smolcluster")
 
@@ -52,12 +51,6 @@ class Worker:
         self.bytes_recv = 0
         self.samples = 0
         self.steps = 0
-        self._last_step: tuple[float, float] | None = None  # (started, sent) of the last step
-        # balance: auto: (cursor, samples) the server assigned for the next step; None means
-        # the plain batch of the step (ShardLoader.batch).
-        self._assigned: tuple[int, int] | None = None
-        # cover_absent: ranks of absent workers whose plain batches this worker computes too.
-        self._cover: list[int] = []
         self._loaders: dict[int, ShardLoader] = {}
 
     def connect(self) -> Connection:
@@ -102,6 +95,10 @@ class Worker:
         replica = Replica.build(
             nn_cfg.model, nn_cfg.learning_rate, self.cfg.seed, nn_cfg.lr_schedule
         )
+        self.codec = codec.for_config(self.cfg.use_quantization)
+        self.sync = SyncWorker(
+            self.cfg, self.rank, plan, replica, self._loader, self.throttle_s, self, self.codec
+        )
         metrics = Metrics(
             settings.metrics_dir,
             self.host,
@@ -145,7 +142,7 @@ class Worker:
                 conn.idle_timeout = self.cfg.join_timeout_s + self.cfg.step_timeout_s + 30
                 steps = self.steps
                 try:
-                    finished = self._session(conn, plan, loader, replica, metrics)
+                    finished = self._session(conn, loader, replica, metrics)
                 except Refused:
                     raise
                 except ProtocolError as exc:  # lost, stalled past a deadline, or garbage
@@ -175,19 +172,17 @@ class Worker:
             metrics.close()
         return 0
 
-    def _session(self, conn: Connection, plan, loader, replica: Replica, metrics: Metrics) -> bool:
+    def _session(self, conn: Connection, loader, replica: Replica, metrics: Metrics) -> bool:
         """Train over one connection; True when the server said the run is done."""
         step = -1
-        into = {MsgType.AVERAGE: self._average_target(replica)}
+        into = {MsgType.AVERAGE: self.sync.average_target()}
         while True:
             frame = conn.recv(into)
             if frame.type == MsgType.START and self.cfg.mode == "elastic":
-                from smolcluster.elastic import ElasticSession
-
                 log.info("joined at global version %d", frame.meta["version"])
                 conn.idle_timeout = self.cfg.step_timeout_s + 30
                 session = ElasticSession(
-                    conn, frame, self.cfg, loader, replica, self.throttle_s, self
+                    conn, frame, self.cfg, loader, replica, self.throttle_s, self, self.codec
                 )
                 session.run(metrics)  # returns once the server says DONE
                 conn.send(MsgType.BYE, {"reason": "run finished"})
@@ -196,28 +191,12 @@ class Worker:
             if frame.type == MsgType.START:
                 # From here a reply that takes far longer than a step means a dead path.
                 conn.idle_timeout = self.cfg.step_timeout_s + 30
-                step, optimizer_step = frame.meta.get("step"), frame.meta.get("optimizer_step")
-                if not (isinstance(step, int) and isinstance(optimizer_step, int)):
-                    raise ProtocolError(f"START without a valid step: {step!r}")
-                if frame.payload.nbytes != 3 * replica.nbytes:
-                    raise ProtocolError(f"START of {frame.payload.nbytes} bytes")
-                state = torch.frombuffer(frame.payload, dtype=torch.float32)
-                replica.load_state_buffer(state, optimizer_step)
-                self._assigned = _assignment(frame.meta)
-                self._cover = self._cover_of(frame.meta)
+                step = self.sync.start(frame)
                 log.info("synchronized at step %d of %s", step, frame.meta.get("total_steps"))
             elif frame.type == MsgType.AVERAGE:
-                if frame.meta.get("step") != step:
-                    raise ProtocolError(
-                        f"average for step {frame.meta.get('step')}, expected {step}"
-                    )
-                if frame.flags & FLAG_INT8:
-                    quantize.decode(self._int8_buffer, replica.numel, out=replica.grads)
-                replica.step(step / plan.total_steps)
+                last = self.sync.average(frame, step)
                 step += 1
-                self._assigned = _assignment(frame.meta)
-                self._cover = self._cover_of(frame.meta)
-                if frame.meta.get("last"):
+                if last:
                     continue  # DONE follows
             elif frame.type == MsgType.DONE:
                 conn.send(MsgType.BYE, {"reason": "run finished"})
@@ -229,16 +208,7 @@ class Worker:
                 raise Refused(f"server reported: {frame.meta.get('reason')}")
             else:
                 raise ProtocolError(f"unexpected {frame.type.name}")
-            self._send_gradients(conn, step, plan, loader, replica, metrics)
-
-    def _cover_of(self, meta: dict) -> list[int]:
-        ranks = meta.get("cover", [])
-        valid = range(1, self.cfg.num_workers + 1)
-        if not isinstance(ranks, list) or any(
-            not isinstance(r, int) or r not in valid or r == self.rank for r in ranks
-        ):
-            raise ProtocolError(f"bad cover list {ranks!r}")
-        return ranks
+            self.sync.send_gradients(conn, step, metrics)
 
     def _loader(self, rank: int) -> ShardLoader:
         """The loader of a rank's shard: its own, or an absent worker's it covers (every host
@@ -246,74 +216,3 @@ class Worker:
         if rank not in self._loaders:
             self._loaders[rank] = shard_loader(self.settings, *self._train_set, rank)
         return self._loaders[rank]
-
-    def _average_target(self, replica: Replica) -> memoryview:
-        # The average lands straight in the gradient buffer (fp32) or the int8 staging buffer.
-        if self.cfg.use_quantization:
-            if not hasattr(self, "_int8_buffer"):
-                self._int8_buffer = torch.empty(
-                    quantize.encoded_nbytes(replica.numel), dtype=torch.uint8
-                )
-            return memoryview(self._int8_buffer.numpy())
-        return memoryview(replica.grads.numpy())
-
-    def _send_gradients(
-        self, conn: Connection, step: int, plan, loader, replica: Replica, metrics: Metrics
-    ) -> None:
-        started = time.monotonic()
-        epoch, i = plan.position(step)
-        meta: dict = {"step": step}
-        if step % self.cfg.checksum_interval == 0:
-            meta["checksum"] = replica.checksum()
-        computing = time.monotonic()
-        if self._assigned is not None:
-            x, y = loader.take(*self._assigned)
-        else:
-            x, y = loader.batch(epoch, i)
-        if self._cover:
-            # One forward/backward over all the batches: the mean gradient of the lot, which
-            # the server weights by the sample count like anyone else's.
-            extra = [self._loader(rank).batch(epoch, i) for rank in self._cover]
-            x = torch.cat([x, *(b[0] for b in extra)])
-            y = torch.cat([y, *(b[1] for b in extra)])
-        meta["samples"] = len(y)
-        meta["loss"] = replica.compute_gradients(x, y)
-        if self.throttle_s:
-            # Proportional to the work, as a slower machine would be: throttle_s per
-            # batch_size samples (exactly throttle_s per step unless balancing resizes it).
-            time.sleep(self.throttle_s * (len(y) / loader.batch_size))
-        # What the server balances on: drawing the batch, forward/backward (and throttle).
-        meta["compute_s"] = round(time.monotonic() - computing, 6)
-        if self.cfg.use_quantization:
-            conn.send(MsgType.GRADS, meta, quantize.encode(replica.grads).numpy(), FLAG_INT8)
-        else:
-            conn.send(MsgType.GRADS, meta, replica.grads.numpy())
-        self.samples += len(y)
-        self.steps += 1
-        now = time.monotonic()
-        # wait_s: from sending the last gradients to starting this step (the average's
-        # round trip plus the optimizer step); step_time_s: start to start.
-        previous = self._last_step
-        self._last_step = (started, now)
-        metrics.write(
-            "step",
-            wait_s=round(started - previous[1], 6) if previous else None,
-            step_time_s=round(started - previous[0], 6) if previous else None,
-            step=step + 1,
-            epoch=epoch,
-            loss=meta["loss"],
-            samples=len(y),
-            compute_s=meta["compute_s"],
-            bytes_sent=self.bytes_sent + conn.bytes_sent,
-            bytes_recv=self.bytes_recv + conn.bytes_recv,
-        )
-
-
-def _assignment(meta: dict) -> tuple[int, int] | None:
-    """The (cursor, samples) a balanced sync step was assigned in START or AVERAGE."""
-    cursor, batch = meta.get("cursor"), meta.get("batch")
-    if cursor is None and batch is None:
-        return None
-    if not (isinstance(cursor, int) and isinstance(batch, int) and cursor >= 0 and batch >= 1):
-        raise ProtocolError(f"bad batch assignment: cursor {cursor!r}, batch {batch!r}")
-    return cursor, batch

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -14,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from smolcluster.events import of_kind, read_records
 from smolcluster.protocol import write_secret
 
 HOSTS = ["mini2", "mini3", "pi5", "pi4", "macbook"]
@@ -143,10 +143,10 @@ class LocalCluster:
     def logs(self) -> str:
         return "\n".join(f"--- {name}\n{self.log(name)[-3000:]}" for name in self.procs)
 
-    def events(self, host: str, event: str | None = None) -> list[dict[str, Any]]:
-        path = self.metrics_dir / f"{host}.jsonl"
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        return [r for r in records if event is None or r["event"] == event]
+    def events(self, host: str, event: str | None = None) -> list[Any]:
+        """The host's records (of one kind), checked against smolcluster/events.py."""
+        records = list(read_records(self.metrics_dir / f"{host}.jsonl"))
+        return records if event is None else of_kind(records, event)
 
     def summary(self, host: str = "mini1") -> dict[str, Any]:
         summaries = self.events(host, "summary")

@@ -7,7 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from smolcluster.events import STRICT_ENV
 from smolcluster.offline_digits import build_offline_digits
+
+# A metrics record that does not match smolcluster/events.py fails the test: the pytest process
+# and every trainer it starts (they inherit the environment) raise instead of logging it.
+os.environ[STRICT_ENV] = "1"
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ The tests share one module-scoped checkout and run in file order.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from smolcluster.events import of_kind, read_records
 from tests.ansible_helpers import BIN, free_port, playbook, recap, scratch_checkout, show
 
 pytestmark = pytest.mark.slow
@@ -150,20 +150,19 @@ def test_train_one_epoch_reports_accuracy(cluster) -> None:
     run = runs[0]
     assert (run / "report.png").stat().st_size > 0
     assert {p.name for p in run.iterdir() if p.is_dir()} == HOSTS
-    events = [json.loads(line) for line in (run / "mini1" / "mini1.jsonl").read_text().splitlines()]
-    summary = [e for e in events if e["event"] == "summary"]
+    events = list(read_records(run / "mini1" / "mini1.jsonl"))
+    summary = of_kind(events, "summary")
     assert summary and 0.0 <= summary[0]["final_accuracy"] <= 1.0
     assert summary[0]["steps"] == 20
     assert summary[0]["dataset"].startswith("full MNIST"), summary[0]["dataset"]
     # eval_steps sized to the run: about ten evaluations, not one at the end.
-    assert len([e for e in events if e["event"] == "eval"]) >= 8
+    assert len(of_kind(events, "eval")) >= 8
 
 
 def newest_run_summary(work: Path) -> dict:
     run = max((work / "runs").iterdir(), key=lambda p: p.stat().st_mtime)
     assert (run / "report.png").stat().st_size > 0
-    events = [json.loads(line) for line in (run / "mini1" / "mini1.jsonl").read_text().splitlines()]
-    return next(e for e in events if e["event"] == "summary")
+    return of_kind(read_records(run / "mini1" / "mini1.jsonl"), "summary")[0]
 
 
 @pytest.mark.parametrize(

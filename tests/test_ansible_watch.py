@@ -8,18 +8,26 @@ import sys
 import textwrap
 from pathlib import Path
 
+from smolcluster.events import SCHEMA_VERSION
+from smolcluster.metrics import Metrics
 from smolcluster.report import load_run, summary_lines
 from smolcluster.watch import Progress, proxy_command, ssh_settings
 
+
+def _at(wall: float, event: str, **fields: object) -> dict[str, object]:
+    """A record as Metrics.write makes it, `wall` seconds into the run."""
+    return {"event": event, "time": 1e9 + wall, "wall": wall, **fields}
+
+
 EVENTS = [
-    {"event": "start", "role": "server", "host": "mini1", "total_steps": 3, "time": 0},
-    {"event": "step", "step": 1, "epoch": 0, "loss": 2.3, "samples_per_s": 10.0},
-    {"event": "step", "step": 2, "epoch": 0, "loss": 1.7, "samples_per_s": 10.0},
-    {"event": "eval", "step": 2, "epoch": 0, "val_loss": 1.6, "val_accuracy": 0.61, "wall": 1.0},
-    {"event": "step", "step": 3, "epoch": 0, "loss": 1.2, "samples_per_s": 10.0},
-    {"event": "summary", "role": "server", "host": "mini1", "steps": 3, "final_accuracy": 0.7,
-     "final_val_loss": 1.1, "wall": 2.0, "samples": 96, "samples_per_s": 48.0,
-     "bytes_sent": 1000, "bytes_recv": 900},
+    _at(0.0, "start", schema=SCHEMA_VERSION, role="server", host="mini1", mode="sync",
+        backend="socket", dataset="offline digits", workers=2, total_steps=3),
+    _at(0.5, "step", step=1, epoch=0, loss=2.3, samples_per_s=10.0),
+    _at(0.9, "step", step=2, epoch=0, loss=1.7, samples_per_s=10.0),
+    _at(1.0, "eval", step=2, epoch=0, val_loss=1.6, val_accuracy=0.61),
+    _at(1.5, "step", step=3, epoch=0, loss=1.2, samples_per_s=10.0),
+    _at(2.0, "summary", role="server", host="mini1", steps=3, final_accuracy=0.7,
+        final_val_loss=1.1, samples=96, samples_per_s=48.0, bytes_sent=1000, bytes_recv=900),
 ]  # fmt: skip
 
 
@@ -130,19 +138,18 @@ def test_progress_line_has_rate_slowest_and_eta() -> None:
 
 def test_report_marks_drops_and_rejoins(tmp_path: Path) -> None:
     members = [["a", "b"], ["a", "b"], ["a"], ["a"], ["b", "a"], ["a", "b", "c"]]
-    events = [{"event": "start", "role": "server", "mode": "sync", "workers": 2,
-               "dataset": "full MNIST from the package index", "total_steps": 6}]  # fmt: skip
-    events += [
-        {"event": "step", "step": i + 1, "loss": 1.0, "batch_sizes": dict.fromkeys(m, 32)}
-        for i, m in enumerate(members)
-    ]
-    worker = [{"event": "start", "role": "worker"}]
-    worker += [{"event": "step", "step": i, "compute_s": 0.5, "wait_s": 0.2, "step_time_s": 1.0}
-               for i in range(4)]  # fmt: skip
-    (tmp_path / "a").mkdir()
-    (tmp_path / "s").mkdir()
-    (tmp_path / "s" / "s.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
-    (tmp_path / "a" / "a.jsonl").write_text("".join(json.dumps(e) + "\n" for e in worker))
+    start = {"mode": "sync", "backend": "socket", "workers": 2, "total_steps": 6,
+             "dataset": "full MNIST from the package index"}  # fmt: skip
+    server = Metrics(tmp_path / "s", "s", "server", "s", "disabled", {})
+    server.write("start", role="server", host="s", **start)
+    for i, m in enumerate(members):
+        server.write("step", step=i + 1, loss=1.0, batch_sizes=dict.fromkeys(m, 32))
+    server.close()
+    worker = Metrics(tmp_path / "a", "a", "worker", "a", "disabled", {})
+    worker.write("start", role="worker", host="a", **start)
+    for i in range(4):
+        worker.write("step", step=i, loss=1.0, compute_s=0.5, wait_s=0.2, step_time_s=1.0)
+    worker.close()
     runs = load_run(tmp_path)
     assert [line for line in summary_lines(runs) if line.startswith("membership")] == [
         "membership: step 3 drop b",
@@ -157,3 +164,21 @@ def test_report_marks_drops_and_rejoins(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def test_a_malformed_record_is_named_by_the_watcher_and_the_report(tmp_path: Path) -> None:
+    (tmp_path / "mini1").mkdir()
+    metrics = tmp_path / "mini1" / "mini1.jsonl"
+    bad = {**EVENTS[2], "loss": "low"}
+    metrics.write_text("".join(json.dumps(e) + "\n" for e in [*EVENTS[:2], bad, *EVENTS[3:]]))
+    where = f"{metrics}:3: step record: loss"
+    followed = _watch("--metrics", str(metrics), "--timeout", "30", "--interval", "0.1")
+    assert followed.returncode == 2 and where in followed.stderr, followed.stderr
+    assert followed.stdout.startswith("step 1/3")  # what came before the bad line was shown
+    status = json.loads(_watch("--status", "--metrics", str(metrics)).stdout)
+    assert status["step"] == 1 and status["line"].startswith(f"error: {where}")
+    report = subprocess.run(
+        [sys.executable, "-m", "smolcluster.report", "--no-plot", str(tmp_path)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert report.returncode == 2 and where in report.stderr, report.stderr

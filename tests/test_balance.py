@@ -12,9 +12,9 @@ import torch
 import yaml
 
 from smolcluster.balance import Balancer, split_batch
-from smolcluster.config import PACKAGED_CONFIGS, ConfigError, load_settings
+from smolcluster.config import PACKAGED_CONFIGS, ClusterConfig, ConfigError, load_settings
 from smolcluster.data import ShardLoader
-from smolcluster.server import Peer, Server
+from smolcluster.hub import Hub, Peer
 from tests.cluster import LocalCluster
 
 CLUSTER = yaml.safe_load((PACKAGED_CONFIGS / "cluster_config.yaml").read_text())
@@ -97,15 +97,15 @@ class _Conn:
 
 
 def test_per_host_rate_stops_counting_when_a_worker_left() -> None:
-    server = Server.__new__(Server)  # just the bookkeeping, no sockets
+    hub = Hub(ClusterConfig.model_validate(CLUSTER), b"secret")  # bookkeeping, no sockets
     early, late = Peer(_Conn(), "mini2", 1), Peer(_Conn(), "mini3", 2)
     early.samples = late.samples = 1000
     now = time.monotonic()
     early.joined_at = late.joined_at = now - 10.0
-    server.active, server.pending, server.history = [early, late], [], [early, late]
-    server.drop(early, "test")
+    hub.active, hub.pending, hub.history = [early, late], [], [early, late]
+    hub.drop(early, "test")
     early.left_at = now - 8.0  # it left 2 s after joining
-    rows = server._per_host()
+    rows = hub.per_host()
     assert rows["mini2"]["samples_per_s"] == pytest.approx(500, rel=0.01)
     assert rows["mini3"]["samples_per_s"] == pytest.approx(100, rel=0.01)
 

@@ -152,3 +152,15 @@ def test_check_config_accepts_the_packaged_defaults() -> None:
     result = run_cli("check-config")
     assert result.returncode == 0, result.stderr
     assert "server mini1" in result.stdout
+
+
+def test_check_config_does_not_load_torch(tmp_path: Path) -> None:
+    """The trainer role runs it on every host after rendering: it must stay a quick check."""
+    cluster_file, nn_file = write(tmp_path, {**CLUSTER, "torch_threads": 1}, NN)
+    probe = (
+        "import sys; from smolcluster.cli import main; "
+        f"rc = main(['check-config', '--cluster-config', {str(cluster_file)!r}, "
+        f"'--nn-config', {str(nn_file)!r}]); print(rc, 'torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.stdout.splitlines()[-1] == "0 False", done.stdout + done.stderr

@@ -86,6 +86,8 @@ def mac(tmp_path: Path) -> dict[str, Path]:
     host = {
         "ansible_connection": "local",
         "ansible_python_interpreter": sys.executable,
+        # The trainer role checks its configs with the host venv's smolcluster: this one's.
+        "smolcluster_venv": sys.prefix,
         "smolcluster_launchd_plist": f"{daemons}/{{{{ smolcluster_launchd_label }}}}.plist",
         "trainer_launchd_plist_group": "root",
         "trainer_wandb_mode": "disabled",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -13,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 
+from smolcluster.events import of_kind, read_records
 from smolcluster.gloo_backend import GlooRun, gloo_ifname
 from tests.cluster import LocalCluster
 
@@ -35,9 +35,8 @@ def _free_port_pair() -> int:
     raise RuntimeError("no free port pair")
 
 
-def _events(path: Path, kind: str) -> list[dict[str, Any]]:
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if r["event"] == kind]
+def _events(path: Path, kind: str) -> list[Any]:
+    return of_kind(read_records(path), kind)
 
 
 def _run_ranks(tmp_path: Path, data_root: Path, world: int, *extra: str) -> dict[int, str]:

@@ -30,6 +30,8 @@ from typing import Any
 
 import pytest
 
+from smolcluster.events import read_records
+
 pytestmark = pytest.mark.lab
 
 REPO = Path(__file__).resolve().parents[2]
@@ -164,18 +166,12 @@ def wait_for(what: str, ready: Callable[[], bool], timeout: float, proc=None) ->
         time.sleep(0.5)
 
 
-def read_events(path: Path) -> list[dict[str, Any]]:
+def read_events(path: Path) -> list[Any]:
+    """The file's records so far (a line being written is left out); [] before it exists."""
     try:
-        lines = path.read_text().splitlines()
-    except OSError:
+        return list(read_records(path))
+    except FileNotFoundError:
         return []
-    events = []
-    for line in lines:
-        try:
-            events.append(json.loads(line))
-        except ValueError:
-            continue  # a line being written
-    return events
 
 
 def host_run_dir(host: str) -> Path:

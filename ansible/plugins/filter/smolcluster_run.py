@@ -1,4 +1,4 @@
-"""The verdict of a failed train.yml run, readable without opening any file."""
+"""train.yml's verdict: which hosts' jobs failed, and a report readable without opening a file."""
 
 from __future__ import annotations
 
@@ -13,6 +13,34 @@ STATES = {
     "dead": "its job died (killed: no exit code)",
     "absent": "its job never started",
 }
+
+
+def run_verdict(
+    hosts: Iterable[str], hostvars: Mapping[str, Any], servers: Iterable[str], mode: str
+) -> dict[str, list[str]]:
+    """Who died, who fails the run, and which elastic workers left early (train.yml's last play).
+
+    A host in the run died unless its job exited 0 (a host that failed mid-play never recorded
+    an outcome). Elastic mode is built for workers leaving at any time: the run's result is the
+    server's (it finishes the sample budget with whoever is left, or fails when nobody is);
+    a sync run fails on any host.
+    """
+    died = []
+    for host in hosts:
+        facts = hostvars.get(host) or {}
+        outcome = facts.get("trainer__outcome")
+        if outcome is None:
+            if facts.get("trainer__in_run"):
+                died.append(host)
+        elif outcome.get("state") != "exited" or outcome.get("exit") != 0:
+            died.append(host)
+    servers = set(servers)
+    if mode == "elastic":
+        failed = [host for host in died if host in servers]
+        left_early = [host for host in died if host not in servers]
+    else:
+        failed, left_early = died, []
+    return {"died": died, "failed": failed, "left_early": left_early}
 
 
 def failure_report(
@@ -50,4 +78,7 @@ def _exit_words(code: Any) -> str:
 
 class FilterModule:
     def filters(self) -> dict[str, Any]:
-        return {"smolcluster_failure_report": failure_report}
+        return {
+            "smolcluster_failure_report": failure_report,
+            "smolcluster_run_verdict": run_verdict,
+        }
