@@ -148,7 +148,7 @@ def listen(
     return lines
 
 
-def add_doctor_parser(sub: argparse._SubParsersAction) -> None:
+def add_doctor_parser(sub: Any) -> None:
     doctor = sub.add_parser("doctor", help="doctor.yml's handshake check (listen / dial)")
     doctor_sub = doctor.add_subparsers(dest="doctor_command", required=True)
     lis = doctor_sub.add_parser("listen", help="server: answer doctor handshakes for a while")
