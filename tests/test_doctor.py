@@ -22,10 +22,12 @@ def secret(tmp_path: Path) -> Path:
     return path
 
 
-def start_listener(port: int, secret: Path, expect: set[str], out: dict) -> threading.Thread:
+def start_listener(
+    port: int, secret: Path, expect: set[str], out: dict, wait_s: float = 10.0
+) -> threading.Thread:
     def run() -> None:
         try:
-            out["lines"] = doctor.listen("mini1", ("127.0.0.1", port), secret, expect, 10.0)
+            out["lines"] = doctor.listen("mini1", ("127.0.0.1", port), secret, expect, wait_s)
         except doctor.Failed as exc:
             out["failed"] = exc
 
@@ -48,7 +50,7 @@ def test_a_wrong_secret_is_named_as_such(secret: Path, tmp_path: Path) -> None:
     other = tmp_path / "other-secret"
     write_secret(other)
     port, out = free_port(), {}
-    thread = start_listener(port, secret, {"mini2"}, out)
+    thread = start_listener(port, secret, {"mini2"}, out, wait_s=2.0)  # mini2 never gets in
     with pytest.raises(doctor.Failed) as failed:
         doctor.dial("mini2", ("127.0.0.1", port), other, wait_s=5.0)
     assert failed.value.code == doctor.EXIT_HANDSHAKE
