@@ -18,11 +18,13 @@ $dev && extras=controller,dev
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[$extras]"
 
 if $dev && [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
-  # The lab (booted containers in namespaces) and the local default's tmux jobs need these
-  # (tests skip the lab without root).
+  # The lab (booted containers in namespaces; iptables for the doctor's firewall case, a rule
+  # inside a lab namespace) and the local default's tmux jobs need these (tests skip the lab
+  # without root).
   need=()
   for cmd in ssh:openssh-client ip:iproute2 ping:iputils-ping tmux:tmux socat:socat \
-    systemd-nspawn:systemd-container debootstrap:debootstrap nsenter:util-linux; do
+    systemd-nspawn:systemd-container debootstrap:debootstrap nsenter:util-linux \
+    iptables:iptables; do
     command -v "${cmd%%:*}" >/dev/null || [[ -x /usr/sbin/${cmd%%:*} ]] || need+=("${cmd#*:}")
   done
   if ((${#need[@]})); then

@@ -1,4 +1,4 @@
-"""The `smolcluster` command: server, worker, local, data, check-config, secret."""
+"""The `smolcluster` command: server, worker, local, data, check-config, secret, doctor."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from smolcluster.config import (
     load_settings,
     value_type,
 )
+from smolcluster.doctor import add_doctor_parser
 
 log = logging.getLogger("smolcluster")
 
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--root", type=Path, required=True)
     verify.set_defaults(run=_run_data_verify)
 
+    add_doctor_parser(sub)
     for extension in _extensions():
         extension(sub)
     return parser

@@ -63,12 +63,18 @@ def check_connect(
     host: str, address: tuple[str, int], wait_s: float = 15.0, timeout_s: float = 3.0
 ) -> None:
     """Open (and close) one TCP connection; retry until wait_s while the server starts."""
+    connect(host, address, wait_s, timeout_s).close()
+
+
+def connect(
+    host: str, address: tuple[str, int], wait_s: float = 15.0, timeout_s: float = 3.0
+) -> socket.socket:
+    """A TCP connection to address, retried until wait_s; Unreachable names the errno."""
     deadline = time.monotonic() + wait_s
     shown = f"{address[0]}:{address[1]}"
     while True:
         try:
-            with socket.create_connection(address, timeout=timeout_s):
-                return
+            return socket.create_connection(address, timeout=timeout_s)
         except TimeoutError as exc:
             last: OSError = OSError(errno.ETIMEDOUT, "timed out")
             last.__cause__ = exc

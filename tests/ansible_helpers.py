@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 # What a scratch checkout needs: the playbooks, roles and the package the wheel is built from.
 CHECKOUT = [
-    "ansible.cfg", "site.yml", "train.yml", "teardown.yml", "pyproject.toml",
+    "ansible.cfg", "site.yml", "train.yml", "teardown.yml", "doctor.yml", "pyproject.toml",
     "inventory", "group_vars", "roles", "ansible", "smolcluster",
 ]  # fmt: skip
 RECAP = re.compile(

@@ -136,6 +136,36 @@ def test_cluster_inventory_host_ip_follows_the_links(cluster_inventory) -> None:
     }
 
 
+def test_gloo_mesh_gaps_are_the_pis_on_the_cluster_and_none_locally(cluster_inventory) -> None:
+    """gloo needs a full mesh (F15): on the real cluster only pi4 and pi5 cannot reach each
+    other; the local default (no cluster links) is a mesh."""
+    hostvars, groups = cluster_inventory
+    hosts = ["mini1", *groups["workers"]]
+    assert [sorted(pair) for pair in _filters().mesh_gaps(hostvars, hosts)] == [["pi4", "pi5"]]
+    assert _filters().mesh_gaps(hostvars, ["mini1", "mini2", "pi4"]) == []
+    local = {host: {"cluster_interfaces": []} for host in hosts}
+    assert _filters().mesh_gaps(local, hosts) == []
+
+
+def test_gloo_is_refused_when_two_workers_share_no_link_or_route(tmp_path: Path) -> None:
+    """Two Pis, each on its own cable to a different gateway, routed only to the fabric."""
+    pis = {
+        name: {"cluster_dial_address": "127.0.0.1", "cluster_manage_network": False,
+               "cluster_interfaces": [{"link": link, "address": address, "prefix": 24}],
+               "cluster_routes": [{"to": "10.10.0.0/24", "via": via}]}
+        for name, link, address, via in [("pi4", "edge51", "192.168.51.4", "192.168.51.2"),
+                                         ("pi5", "edge50", "192.168.50.2", "192.168.50.1")]
+    }  # fmt: skip
+    inventory = _write_inventory(tmp_path, ["mini1"], pis)
+    result = _preflight(inventory, "-e", "backend=gloo", "-e", "cluster_manage_network=false")
+    assert result.returncode != 0, show(result)
+    assert (
+        "inventory: backend gloo needs every host in the run to reach every other, but pi4 and "
+        "pi5 share no link or route (the Pis are apart by design)" in result.stdout
+    ), show(result)
+    assert _preflight(inventory, "-e", "cluster_manage_network=false").returncode == 0
+
+
 def test_duplicate_address_and_split_subnet_are_reported(cluster_inventory) -> None:
     hostvars, groups = cluster_inventory
     hostvars = json.loads(json.dumps(hostvars))

@@ -17,7 +17,7 @@ def test_ansible_lint_production_profile() -> None:
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-4000:]
 
 
-@pytest.mark.parametrize("name", ["site.yml", "train.yml", "teardown.yml"])
+@pytest.mark.parametrize("name", ["site.yml", "train.yml", "teardown.yml", "doctor.yml"])
 def test_playbook_syntax(name: str) -> None:
     result = playbook(REPO, "--syntax-check", name)
     assert result.returncode == 0, show(result)

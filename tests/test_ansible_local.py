@@ -1,7 +1,8 @@
 """The Ansible bundle end to end on the local inventory (six hosts on this machine).
 
 Real ansible-playbook runs in a scratch checkout: site.yml, site.yml again (changed=0),
-site.yml --check, train.yml -e epochs=1, teardown.yml (no process, no tmux session left).
+site.yml --check, doctor.yml --check, train.yml -e doctor=true broken on purpose,
+train.yml -e epochs=1, teardown.yml (no process, no tmux session left).
 The tests share one module-scoped checkout and run in file order.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -67,6 +69,63 @@ def test_site_check_mode_succeeds(cluster) -> None:
     result = playbook(cluster["work"], "site.yml", "--check", *cluster["extra"])
     assert result.returncode == 0, show(result)
     assert all(t["failed"] == 0 for t in recap(result.stdout).values())
+
+
+def doctor_lines(output: str) -> dict[str, str]:
+    """doctor.yml's verdict: host -> its line (ok, or the check, the errno and the fix)."""
+    block = output[output.index("One line per host") :]
+    return dict(re.findall(r'^\s+"(\w+): (.*)",?$', block, re.M))
+
+
+def test_doctor_says_ok_for_every_host_and_changes_nothing(cluster) -> None:
+    """doctor.yml after site.yml, in check mode: every rung, the real handshake included
+    (its probes run in check mode too), one ok line per host, changed=0."""
+    result = playbook(cluster["work"], "doctor.yml", "--check", *cluster["extra"])
+    assert result.returncode == 0, show(result)
+    assert doctor_lines(result.stdout) == dict.fromkeys(HOSTS, "ok"), show(result)
+    totals = recap(result.stdout)
+    assert {h: (t["changed"], t["failed"]) for h, t in totals.items()} == dict.fromkeys(
+        HOSTS, (0, 0)
+    )
+
+
+def test_train_with_doctor_stops_naming_a_wrong_secret_and_a_stopped_port(cluster) -> None:
+    """Broken on purpose: mini2 holds another cluster secret, pi4 dials an address where no
+    server listens, the MacBook's SSH port is closed. `train.yml -e doctor=true` fails before
+    any job starts, with one line for each of them naming the cause, and ok for the others."""
+    work = cluster["work"]
+    secret = work / ".local-cluster" / "mini2" / "config" / "secret"
+    original = secret.read_text()
+    secret.write_text(os.urandom(32).hex() + "\n")
+    # Playbook host_vars beat the inventory's: pi4 alone dials 127.0.0.3, where nothing listens.
+    (work / "host_vars").mkdir()
+    (work / "host_vars" / "pi4.yml").write_text("cluster_dial_address: 127.0.0.3\n")
+    # The MacBook is reached over SSH on a loopback port where no sshd listens.
+    ssh = f"ansible_connection: ssh\nansible_host: 127.0.0.1\nansible_port: {free_port()}\n"
+    (work / "host_vars" / "macbook.yml").write_text(ssh)
+    try:
+        result = playbook(work, "train.yml", "-e", "doctor=true", "-e", "max_steps=5",
+                          *cluster["extra"])  # fmt: skip
+    finally:
+        secret.write_text(original)
+        shutil.rmtree(work / "host_vars")
+    assert result.returncode != 0, show(result)
+    lines = doctor_lines(result.stdout)
+    assert set(lines) == HOSTS, show(result)
+    assert {h for h, line in lines.items() if line != "ok"} == {"mini2", "pi4", "macbook"}, lines
+    assert lines["macbook"].startswith(
+        "ssh: macbook: cannot log in as the default user at "
+        "127.0.0.1 (Failed to connect to the host via ssh"
+    ), lines
+    assert "Connection refused); fix: check ansible_host and ansible_user" in lines["macbook"]
+    assert lines["mini2"].startswith("handshake: mini2 reached 127.0.0.1:"), lines
+    assert "cluster secret differs from the server's; fix: run site.yml" in lines["mini2"]
+    refused = r"handshake: pi4 cannot connect to 127\.0\.0\.3:\d+: \[Errno 111\] ECONNREFUSED "
+    assert re.match(refused + r".*nothing accepts on that port", lines["pi4"]), lines
+    assert re.search(r"^ERROR: doctor: pi4: handshake: ", result.stdout, re.M), show(result)
+    # Stopped at the doctor: no job was started, nothing was fetched.
+    assert not (work / "runs").exists() or not any((work / "runs").iterdir())
+    assert not (work / ".local-cluster" / "mini1" / "run" / "mini1.pid").exists()
 
 
 def test_train_one_epoch_reports_accuracy(cluster) -> None:

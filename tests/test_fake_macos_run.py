@@ -303,3 +303,74 @@ def test_preflight_says_what_a_fresh_mac_lacks(mac: dict[str, Path]) -> None:
     assert result.returncode == 2, show(result)
     assert "mini1: macOS needs the Xcode command line tools for /usr/bin/python3" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_site_stops_before_fact_gathering_without_the_command_line_tools(
+    mac: dict[str, Path],
+) -> None:
+    """On a fresh Mac /usr/bin/python3 is only the tools' install shim, so fact gathering would
+    die first with a module failure: site.yml's first play (no facts, raw) says what to install."""
+    state = fake_macos.read_state(mac["state"])
+    state.update(clt=False)
+    (mac["state"] / "state.json").write_text(json.dumps(state))
+    uname = mac["bin"] / "uname"  # what a Mac's uname -s says
+    uname.write_text("#!/bin/sh\necho Darwin\n")
+    uname.chmod(0o755)
+    (mac["dir"] / "site.yml").write_text((REPO / "site.yml").read_text())
+    result = _run(mac, "site.yml")
+    assert result.returncode == 2, show(result)
+    for host in ("mini1", "macbook"):
+        assert f"{host}: macOS needs the Xcode command line tools for /usr/bin/python3" in (
+            result.stdout
+        ), show(result)
+    assert "Gathering Facts" not in result.stdout, show(result)
+    assert [c["argv"] for c in fake_macos.calls(mac["state"])] == [["-p"], ["-p"]]
+
+
+def test_per_cable_thunderbolt_mode_sets_up_twice_and_restores(mac: dict[str, Path]) -> None:
+    """A ring of three minis must not sit under one bridge (it storms): p2p mode gives each
+    cable its own service and /30 and turns the bridge service off. On the fake Mac: set up
+    (services created on the Thunderbolt ports), again with changed=0, then restore."""
+    inv = mac["dir"] / "inventory.yml"
+    data = yaml.safe_load(inv.read_text())
+    mini1 = data["all"]["children"]["server"]["hosts"]["mini1"]
+    mini1.update(
+        network_thunderbolt_mode="p2p",
+        cluster_forwarding=False,
+        cluster_routes=[],
+        cluster_interfaces=[
+            {"link": "tb-mini1-mini2", "address": "10.10.1.1", "prefix": 30,
+             "macos_hardware_port": "Thunderbolt 1"},
+            {"link": "tb-mini1-mini3", "address": "10.10.1.5", "prefix": 30,
+             "macos_hardware_port": "Thunderbolt 2"},
+        ],
+    )  # fmt: skip
+    inv.write_text(yaml.safe_dump(data))
+    plays = [PRETEND, _play("Network", [_role("network")])]
+    (mac["dir"] / "net.yml").write_text(yaml.safe_dump(plays, sort_keys=False))
+    restore = [PRETEND, _play("Restore", [_role("network", "restore.yml")])]
+    (mac["dir"] / "restore.yml").write_text(yaml.safe_dump(restore, sort_keys=False))
+    before = fake_macos.read_state(mac["state"])
+
+    first = _run(mac, "net.yml", "--limit", "mini1")
+    assert first.returncode == 0, show(first)
+    svc = {s["name"]: s for s in fake_macos.read_state(mac["state"])["services"]}
+    assert not svc["Thunderbolt Bridge"]["enabled"]  # no bridge, so no loop
+    by_port = {s["port"]: s for s in svc.values()}
+    assert (by_port["Thunderbolt 1"]["ip"], by_port["Thunderbolt 1"]["mask"]) == (
+        "10.10.1.1", "255.255.255.252",
+    )  # fmt: skip
+    assert by_port["Thunderbolt 2"]["ip"] == "10.10.1.5"
+
+    second = _run(mac, "net.yml", "--limit", "mini1")
+    assert second.returncode == 0, show(second)
+    assert {h: r["changed"] for h, r in recap(second.stdout).items()} == {"mini1": 0}
+
+    back = _run(mac, "restore.yml", "--limit", "mini1")
+    assert back.returncode == 0, show(back)
+    after = {s["name"]: s for s in fake_macos.read_state(mac["state"])["services"]}
+    for name, old in {s["name"]: s for s in before["services"]}.items():
+        assert after[name] == old, name
+    contract = _contract()
+    ran = [[c["tool"], *c["argv"]] for c in fake_macos.calls(mac["state"]) if c["tool"] != "sudo"]
+    assert [argv for argv in ran if not _in_contract(argv, contract)] == []

@@ -3,7 +3,8 @@ real playbooks over SSH as the login user `smol` with become, against real routi
 inside the namespaces (never from the root namespace).
 
 One lab for the module (fixture `lab`), then phases in order, each its own test:
-site.yml → routing → site.yml again (changed=0) → train.yml -e epochs=1 (sync, every worker;
+site.yml → routing → site.yml again (changed=0) → doctor.yml (ok, then four hosts broken on
+purpose under train.yml -e doctor=true) → train.yml -e epochs=1 (sync, every worker;
 pi4's job a systemd unit) → a reboot of pi5 and mini3 (links, routes and forwarding come back by
 themselves) → an elastic run with no second site.yml (pi5's cable pulled and plugged back,
 mini2's worker killed) → teardown.yml -e restore_network=true → lab down. A phase whose
@@ -48,6 +49,8 @@ VAULT_FILE, VAULT_PASSWORD = LAB_DIR / "vault.yml", LAB_DIR / "vault-password"
 VAULT_ARGS = ("-e", f"@{VAULT_FILE}", "--vault-password-file", str(VAULT_PASSWORD))
 RECAP = re.compile(r"^(\S+)\s+: ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
 
+# What the machine running the lab needs (iptables: the doctor phase's rules in a lab namespace).
+LAB_TOOLS = ("ip", "socat", "ping", "ssh", "systemd-nspawn", "debootstrap", "nsenter", "iptables")
 # Phases that passed; a later phase that needs one skips when it did not.
 PASSED: set[str] = set()
 
@@ -55,7 +58,7 @@ PASSED: set[str] = set()
 def unavailable_reason() -> str | None:
     if os.geteuid() != 0:
         return "the lab needs root (network namespaces)"
-    for tool in ("ip", "socat", "ping", "ssh", "systemd-nspawn", "debootstrap", "nsenter"):
+    for tool in LAB_TOOLS:
         if not shutil.which(tool) and not Path("/usr/sbin", tool).exists():
             return f"the lab needs {tool} (apt-get install systemd-container debootstrap socat ...)"
     if subprocess.run(["ip", "netns", "list"], capture_output=True, check=False).returncode:
@@ -387,6 +390,70 @@ def test_second_site_changes_nothing(lab: dict[str, object]) -> None:
     recap, out = playbook("site.yml")
     changed = {h: recap[h][1] for h in HOSTS}
     assert changed == dict.fromkeys(HOSTS, 0), out[-6000:]
+
+
+def doctor_lines(output: str) -> dict[str, str]:
+    """doctor.yml's verdict: host -> its line (ok, or the check, the errno and the fix)."""
+    block = output[output.index("One line per host") :]
+    return dict(re.findall(r'^\s+"(\w+): (.*)",?$', block, re.M))
+
+
+@pytest.mark.timeout(600)
+def test_doctor_says_ok_then_names_each_broken_host(lab: dict[str, object]) -> None:
+    """doctor.yml after site.yml: one ok line per host and changed=0. Then, broken on purpose:
+    pi4's route to the fabric deleted, mini2 holding another cluster secret, mini3's packets to
+    the server's port answered with a reset (what a stopped port answers) and pi5's silently
+    dropped, both by iptables rules inside mini1's namespace. `train.yml -e doctor=true` fails
+    before any job starts, with the right cause on each of the four lines and ok on the rest."""
+    needs("site")
+    recap, out = playbook("doctor.yml")
+    assert doctor_lines(out) == dict.fromkeys(HOSTS, "ok"), out[-4000:]
+    assert {h: recap[h][1] for h in HOSTS} == dict.fromkeys(HOSTS, 0), recap
+
+    secret = host_path("mini2", "home/smol/smolcluster/config/secret")
+    original = secret.read_text()
+    port = "65432"
+    rules = [
+        ["-s", "10.10.0.3", "-j", "REJECT", "--reject-with", "tcp-reset"],
+        ["-s", "192.168.50.2", "-j", "DROP"],
+    ]
+    sh("ip", "-n", "scl-pi4", "route", "del", "10.10.0.0/24")
+    secret.write_text(os.urandom(32).hex() + "\n")
+    for rule in rules:
+        in_ns("mini1", "iptables", "-I", "INPUT", "-p", "tcp", "--dport", port, *rule, check=True)
+    try:
+        proc = subprocess.run(
+            [str(PLAYBOOK), "-i", str(INVENTORY), *VAULT_ARGS, "train.yml", "-e", "doctor=true",
+             "-e", "epochs=1"],
+            cwd=REPO, env=ansible_env(), capture_output=True, text=True, timeout=540, check=False,
+        )  # fmt: skip
+    finally:
+        for rule in rules:
+            in_ns("mini1", "iptables", "-D", "INPUT", "-p", "tcp", "--dport", port, *rule)
+        secret.write_text(original)
+        # NetworkManager puts its profile's route back.
+        in_host("pi4", "nmcli", "connection", "up", "smolcluster-edge51", check=True)
+    out = proc.stdout
+    assert proc.returncode != 0, out[-4000:]
+    lines = doctor_lines(out)
+    assert lines["mini1"] == "ok" and lines["macbook"] == "ok", lines
+    assert lines["pi4"].startswith(
+        "routes: pi4: 10.10.0.0/24 should be routed via 192.168.51.2, but 10.10.0.1 goes via "
+        "172.27.83.1 dev wlan0: the cluster route is missing; fix: run site.yml"
+    ), lines
+    assert lines["mini2"].startswith("handshake: mini2 reached 10.10.0.1:65432 but"), lines
+    assert "cluster secret differs from the server's" in lines["mini2"], lines
+    assert lines["mini3"].startswith(
+        "handshake: mini3 cannot connect to 10.10.0.1:65432: [Errno 111] ECONNREFUSED"
+    ), lines
+    assert lines["pi5"].startswith(
+        "handshake: pi5 cannot connect to 192.168.50.1:65432: [Errno 110] ETIMEDOUT"
+    ), lines
+    assert "packets dropped: a firewall" in lines["pi5"], lines
+    # train.yml stopped at the doctor: no job started anywhere.
+    assert lab_processes() == [], lab_processes()
+    assert "via 192.168.51.2" in in_ns("pi4", "ip", "route", "get", "10.10.0.1").stdout
+    PASSED.add("doctor")
 
 
 @pytest.mark.timeout(900)

@@ -149,6 +149,36 @@ def _address_errors(hostvars: Mapping[str, Any], hosts: Iterable[str]) -> list[s
     return errors
 
 
+def _covers(hostvars: Mapping[str, Any], host: str, other: str) -> bool:
+    """host has a cluster route to one of other's cluster addresses."""
+    addresses = [ipaddress.ip_address(str(i["address"])) for i in _interfaces(hostvars, other)]
+    for route in _get(hostvars, host, "cluster_routes", []) or []:
+        net = ipaddress.ip_network(str(route["to"]), strict=False)
+        if any(a in net for a in addresses):
+            return True
+    return False
+
+
+def mesh_gaps(hostvars: Mapping[str, Any], hosts: Iterable[str]) -> list[list[str]]:
+    """Pairs of hosts that cannot reach each other, for gloo, which needs a full mesh.
+
+    Two hosts reach each other when they share a link or each has a cluster route to the
+    other's addresses; a host with no cluster links (the MacBook on Wi-Fi, the local default)
+    reaches everyone over the LAN."""
+    hosts = list(dict.fromkeys(hosts))
+    gaps = []
+    for i, a in enumerate(hosts):
+        for b in hosts[i + 1 :]:
+            links_a = {iface.get("link") for iface in _interfaces(hostvars, a)}
+            links_b = {iface.get("link") for iface in _interfaces(hostvars, b)}
+            if not links_a or not links_b or links_a & links_b:
+                continue
+            if _covers(hostvars, a, b) and _covers(hostvars, b, a):
+                continue
+            gaps.append([a, b])
+    return gaps
+
+
 def worker_list(value: Any, default: Iterable[str]) -> list[str]:
     """Normalise -e workers=a,b (string) or a YAML list; empty/None means the default."""
     if value is None or value == "":
@@ -166,4 +196,5 @@ class FilterModule:
             "smolcluster_server_address": server_address,
             "smolcluster_inventory_errors": inventory_errors,
             "smolcluster_worker_list": worker_list,
+            "smolcluster_mesh_gaps": mesh_gaps,
         }
