@@ -119,9 +119,23 @@ def test_report_summary_and_png(tmp_path: Path) -> None:
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_elastic_rates_count_the_server_cumulatively_and_a_worker_per_push() -> None:
+    """The elastic server's step records carry samples merged so far, a worker's push records
+    the samples of that push: both files must give the same 320 samples/s."""
+    rates = {}
+    for role, samples in (("server", lambda i: 320 * i), ("worker", lambda i: 320)):
+        progress = Progress()
+        progress.update({"event": "start", "role": role, "mode": "elastic", "total_steps": 50})
+        for i in range(1, 6):
+            progress.update({"event": "step", "step": i, "loss": 1.0, "samples": samples(i),
+                             "wall": float(i)})  # fmt: skip
+        rates[role] = progress.samples_per_s
+    assert rates == {"server": 320.0, "worker": 320.0}
+
+
 def test_progress_line_has_rate_slowest_and_eta() -> None:
     progress = Progress()
-    progress.update({"event": "start", "mode": "sync", "total_steps": 100})
+    progress.update({"event": "start", "role": "server", "mode": "sync", "total_steps": 100})
     for step in range(1, 11):  # 64 samples per step, one step per 0.5 s, pi4 last 7 times of 10
         last = "pi4" if step % 3 else "mini2"
         order = {"mini2": 32, "pi4": 32} if last == "pi4" else {"pi4": 32, "mini2": 32}
