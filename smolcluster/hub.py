@@ -21,12 +21,14 @@ from typing import Any
 from smolcluster.config import ClusterConfig
 from smolcluster.listener import Listener, raise_file_limit
 from smolcluster.protocol import (
+    Broadcast,
     Connection,
     Deadlines,
     Frame,
     MsgType,
     PeerClosed,
     ProtocolError,
+    Sealed,
 )
 
 log = logging.getLogger("smolcluster")
@@ -94,6 +96,7 @@ class Hub:
         self.terminate = threading.Event()  # SIGTERM/SIGINT: checkpoint and exit
         self.listener: Listener | None = None
         self.payload_limits: dict[MsgType, int] = {}  # what a worker's frames may carry
+        self.broadcast = Broadcast()  # seals a step's average once for every worker
 
     # -- connections ---------------------------------------------------------------------------
     def listen(self) -> None:
@@ -161,7 +164,9 @@ class Hub:
             conn.send(MsgType.REJECT, {"reason": reason})
             conn.close()
             raise ProtocolError(reason)
-        conn.send(MsgType.WELCOME, {"server": self.cfg.server, "mode": self.cfg.mode})
+        # The broadcast key travels sealed under this connection's key, as every session frame.
+        welcome = {"server": self.cfg.server, "mode": self.cfg.mode}
+        conn.send(MsgType.WELCOME, {**welcome, "broadcast_key": self.broadcast.key.hex()})
         return Peer(conn, host, rank)
 
     def drop(self, peer: Peer, reason: str, error: bool = False) -> None:
@@ -183,10 +188,10 @@ class Hub:
         meta: dict[str, Any],
         payload: Any = b"",
         flags: int = 0,
-        digest: bytes | None = None,
+        sealed: Sealed | None = None,
     ) -> bool:
         try:
-            peer.conn.send(mtype, meta, payload, flags, digest)
+            peer.conn.send(mtype, meta, payload, flags, sealed)
             return True
         except PeerClosed as exc:
             self.drop(peer, f"send failed: {exc}")

@@ -1,10 +1,14 @@
-"""The wire protocol: length-prefixed, HMAC-authenticated frames carrying one flat tensor buffer.
+"""The wire protocol: length-prefixed, encrypted and authenticated frames carrying one flat
+tensor buffer.
 
-Frame = header (28 bytes) | metadata (JSON) | payload (raw bytes) | tag (32 bytes).
-The tag is HMAC-SHA256 over header, metadata and SHA-256(payload) under a per-connection,
-per-direction key (hashing the payload once lets the server send one average to N workers with
-one pass over it, not N); the header carries a sequence number the receiver checks, so frames
-can be neither forged, replayed nor reordered. Nothing on this path is ever unpickled.
+Handshake frame = header (28 bytes) | metadata (JSON) | HMAC-SHA256 tag (32 bytes), under keys
+from the cluster secret. Session frame (everything after the handshake) = header | metadata
+sealed with ChaCha20-Poly1305 (+16) | payload sealed (+16), under per-connection, per-direction
+keys derived (HKDF) from the secret and the handshake transcript, with the frame's sequence
+number in the nonce: frames can be neither read, forged, replayed, reordered nor moved to
+another connection. The one payload every worker receives alike (a step's average) is sealed
+once under the run's broadcast key (`Broadcast`), with the step in the nonce, and sent N times.
+Nothing on this path is ever unpickled.
 Every phase of a connection has a deadline (Deadlines) and every frame a size limit checked on
 its header, tighter before authentication than after. docs/protocol.md has the layout and the
 limits.
@@ -29,10 +33,23 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
 MAGIC = b"SMCL"
-VERSION = 2  # 2: the tag covers SHA-256(payload) instead of the payload itself
+VERSION = 3  # 3: session frames sealed (ChaCha20-Poly1305); 2: HMAC over SHA-256(payload)
 HEADER = struct.Struct("!4sBBHQIQ")  # magic, version, type, flags, seq, meta_len, payload_len
-TAG_LEN = 32
+TAG_LEN = 32  # a handshake frame's HMAC-SHA256
+SEAL_TAG = 16  # Poly1305, after each sealed part of a session frame
+KEY_LEN = 32
+# The 12-byte nonce of a sealed part: what it is (4 bytes), then a counter (8): the frame's
+# sequence number on a connection, the step under the broadcast key. No two parts sealed
+# under one key share a nonce.
+NONCE = struct.Struct("!4sQ")
+META_PART, PAYLOAD_PART, BROADCAST_PART = b"meta", b"data", b"bcst"
+BROADCAST_AAD = struct.Struct("!4sBBH")  # magic, version, type, flags of a broadcast payload
 MAX_META = 64 * 1024
 # Before authentication a frame is a handshake frame: small metadata, no payload, whatever
 # max_frame_bytes says; nobody without the secret makes the receiver allocate more.
@@ -59,6 +76,7 @@ class MsgType(IntEnum):
 
 
 FLAG_INT8 = 1  # payload is smolcluster.quantize int8 blocks, not raw float32
+FLAG_BROADCAST = 2  # payload sealed under the run's broadcast key with the metadata's step
 
 
 class ProtocolError(Exception):
@@ -80,6 +98,18 @@ class BadTag(ProtocolError):
 
 class Refused(ProtocolError):
     """The peer said no (REJECT or ERROR): retrying cannot help."""
+
+
+class WrongVersion(Refused):
+    """The peer speaks another protocol version: one side runs an older smolcluster."""
+
+    def __init__(self, version: int) -> None:
+        super().__init__(
+            f"protocol version {version}, expected {VERSION}: the peer runs "
+            f"{'an older' if version < VERSION else 'a newer'} smolcluster; upgrade both sides "
+            "to the same release"
+        )
+        self.version = version
 
 
 class WrongSecret(Refused):
@@ -143,52 +173,69 @@ def write_secret(path: Path, force: bool = False) -> None:
     os.replace(tmp, path)
 
 
-def payload_digest(payload: bytes | bytearray | memoryview) -> bytes:
-    """What a frame's tag covers of its payload; compute once to send one payload many times."""
-    return hashlib.sha256(memoryview(payload).cast("B")).digest()
-
-
 def _mac_key(key: bytes, label: bytes) -> bytes:
     return hmac.new(key, label, hashlib.sha256).digest()
 
 
-class Connection:
-    """One authenticated peer. Not thread-safe per direction: one sender, one receiver.
+@dataclass(frozen=True)
+class Sealed:
+    """A payload sealed once under the broadcast key, for `Connection.send(sealed=...)`."""
 
-    The socket is non-blocking and every wait goes through poll() with its own deadline, so
-    the two directions time out independently (a reader thread and a sender share it), and a
-    deadline bounds a whole phase, not each recv: a peer cannot stretch a frame forever by
-    dribbling one byte at a time."""
+    mtype: MsgType
+    step: int
+    flags: int  # FLAG_BROADCAST included
+    nbytes: int  # of the plaintext
+    data: memoryview  # ciphertext + tag; valid until the next seal
 
-    def __init__(
-        self,
-        sock: socket.socket,
-        send_key: bytes,
-        recv_key: bytes,
-        max_frame: int,
-        peer: str,
-        deadlines: Deadlines | None = None,
-    ) -> None:
+
+def _broadcast_aad(mtype: MsgType, flags: int) -> bytes:
+    return BROADCAST_AAD.pack(MAGIC, VERSION, int(mtype), flags)
+
+
+class Broadcast:
+    """The server's key for the one payload of a step that every worker receives alike: seal
+    it once, send it to N workers (each frame's header and metadata stay sealed per connection).
+    The key is fresh per server process and goes to each worker inside its sealed WELCOME; a
+    step is sealed at most once, so no nonce repeats under the key."""
+
+    def __init__(self) -> None:
+        self.key = ChaCha20Poly1305.generate_key()
+        self._aead = ChaCha20Poly1305(self.key)
+        self._last_step = -1
+        self._buffer = bytearray(0)
+
+    def seal(
+        self, mtype: MsgType, step: int, payload: bytes | bytearray | memoryview, flags: int = 0
+    ) -> Sealed:
+        if step <= self._last_step:
+            raise ValueError(f"step {step} sealed after step {self._last_step}: nonce reuse")
+        self._last_step = step
+        body = memoryview(payload).cast("B")
+        if len(self._buffer) < body.nbytes + SEAL_TAG:
+            self._buffer = bytearray(body.nbytes + SEAL_TAG)
+        out = memoryview(self._buffer)[: body.nbytes + SEAL_TAG]
+        flags |= FLAG_BROADCAST
+        nonce = NONCE.pack(BROADCAST_PART, step)
+        self._aead.encrypt_into(nonce, body, _broadcast_aad(mtype, flags), out)
+        return Sealed(mtype, step, flags, body.nbytes, out)
+
+
+class Channel:
+    """One TCP socket, non-blocking, where every wait goes through poll() with its own
+    deadline, so the two directions time out independently (a reader thread and a sender
+    share it), and a deadline bounds a whole phase, not each recv: a peer cannot stretch a
+    frame forever by dribbling one byte at a time."""
+
+    def __init__(self, sock: socket.socket, peer: str, deadlines: Deadlines | None) -> None:
         self.sock = sock
         self.peer = peer
-        self.max_frame = max_frame
         deadlines = deadlines or Deadlines(frame=None, send=None)
         self.frame_timeout = deadlines.frame
         self.send_timeout = deadlines.send
         self.idle_timeout: float | None = None  # waiting for the next frame to begin
         self.deadline: float | None = None  # monotonic time by which the current phase ends
-        self.meta_limit = MAX_META
-        # type -> the largest payload it may carry; None: anything within max_frame.
-        self.payload_limits: Mapping[MsgType, int] | None = None
         self.bytes_sent = 0
         self.bytes_recv = 0
-        self._send_key, self._recv_key = send_key, recv_key
-        self._send_seq = 0
-        self._recv_seq = 0
-        self._header = bytearray(HEADER.size)
-        self._tag = bytearray(TAG_LEN)
-        self._payload = bytearray(0)
-        self._send_lock = threading.Lock()  # heartbeats come from a second thread
         sock.setblocking(False)
         # One poll object per direction: they may wait at the same time in different threads.
         self._readable, self._writable = select.poll(), select.poll()
@@ -200,15 +247,6 @@ class Connection:
         for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
-
-    def rekey(self, send_key: bytes, recv_key: bytes) -> None:
-        self._send_key, self._recv_key = send_key, recv_key
-
-    def limit_payloads(self, limits: Mapping[MsgType, int]) -> None:
-        """From now on accept only these types with a payload of at most their size (others:
-        none), into one buffer allocated here, once, of the largest."""
-        self.payload_limits = dict(limits)
-        self._payload = bytearray(max(limits.values(), default=0))
 
     def _until(self, timeout: float | None) -> float | None:
         """The deadline of a step that may take `timeout`, within the current phase's."""
@@ -227,30 +265,6 @@ class Connection:
         if not poller.poll(timeout_ms):
             raise PeerTimeout(f"timed out {doing}")
 
-    # -- sending -----------------------------------------------------------------------------
-    def send(
-        self,
-        mtype: MsgType,
-        meta: dict[str, Any] | None = None,
-        payload: bytes | bytearray | memoryview = b"",
-        flags: int = 0,
-        digest: bytes | None = None,
-    ) -> None:
-        """Send one frame; `digest` = payload_digest(payload) when the caller has it already."""
-        meta_bytes = json.dumps(meta or {}, separators=(",", ":")).encode()
-        body = memoryview(payload).cast("B")
-        digest = digest or payload_digest(body)
-        with self._send_lock:
-            header = HEADER.pack(
-                MAGIC, VERSION, int(mtype), flags, self._send_seq, len(meta_bytes), body.nbytes
-            )
-            mac = hmac.new(self._send_key, header, hashlib.sha256)
-            mac.update(meta_bytes)
-            mac.update(digest)
-            self._send_seq += 1
-            # One gathered write: no copy of the payload, no small packets with TCP_NODELAY.
-            self._sendmsg([header + meta_bytes, body, mac.digest()])
-
     def _sendmsg(self, parts: list[bytes | memoryview]) -> None:
         views = [memoryview(p).cast("B") for p in parts if len(p)]
         until = self._until(self.send_timeout)
@@ -267,71 +281,6 @@ class Connection:
                     views.pop(0)
                 if views and sent:
                     views[0] = views[0][sent:]
-
-    # -- receiving ---------------------------------------------------------------------------
-    def recv(self, into: Mapping[MsgType, memoryview] | None = None) -> Frame:
-        """Read one frame. A payload whose type is in `into` lands in that buffer, which it
-        must fill exactly; any other payload lands in the connection's own reused buffer."""
-        header = memoryview(self._header)
-        self._recv_exact(header[:1], self._until(self.idle_timeout), "waiting for a frame")
-        until = self._until(self.frame_timeout)  # from the first byte to the last
-        self._recv_exact(header[1:], until)
-        magic, version, mtype, flags, seq, meta_len, payload_len = HEADER.unpack(self._header)
-        if magic != MAGIC:
-            raise ProtocolError(f"bad magic {bytes(magic)!r}")
-        if version != VERSION:
-            raise ProtocolError(f"protocol version {version}, expected {VERSION}")
-        try:
-            kind = MsgType(mtype)
-        except ValueError:
-            raise ProtocolError(f"unknown message type {mtype}") from None
-        # Checked on the header, before anything is allocated or read.
-        limit = self.max_frame - HEADER.size - TAG_LEN - meta_len
-        if self.payload_limits is not None:
-            limit = min(limit, self.payload_limits.get(kind, 0))
-        if meta_len > self.meta_limit or payload_len > limit:
-            raise ProtocolError(
-                f"{kind.name} frame of {meta_len} + {payload_len} bytes (metadata + payload) "
-                f"exceeds the limit of {self.meta_limit} + {max(limit, 0)}"
-            )
-        if seq != self._recv_seq:
-            raise ProtocolError(f"sequence number {seq}, expected {self._recv_seq}")
-        meta_raw = bytearray(meta_len)  # at most meta_limit
-        self._recv_exact(memoryview(meta_raw), until)
-        if into is not None and kind in into:
-            target = into[kind].cast("B")
-            if target.nbytes != payload_len:
-                raise ProtocolError(
-                    f"{kind.name} payload of {payload_len} bytes, expected {target.nbytes}"
-                )
-        else:
-            if len(self._payload) < payload_len:
-                self._payload = bytearray(payload_len)
-            target = memoryview(self._payload)[:payload_len]
-        self._recv_exact(target, until)
-        self._recv_exact(memoryview(self._tag), until)
-        mac = hmac.new(self._recv_key, self._header, hashlib.sha256)
-        mac.update(meta_raw)
-        mac.update(payload_digest(target))
-        if not hmac.compare_digest(mac.digest(), self._tag):
-            raise BadTag(f"bad HMAC on {kind.name} frame {seq}")
-        self._recv_seq += 1
-        try:
-            meta = json.loads(meta_raw) if meta_len else {}
-        except (ValueError, RecursionError):  # bad UTF-8 or JSON, or nested too deep
-            raise ProtocolError("metadata is not a JSON object we can read") from None
-        if not isinstance(meta, dict):
-            raise ProtocolError("metadata is not a JSON object")
-        return Frame(kind, flags, meta, target)
-
-    def expect(self, *kinds: MsgType, into: Mapping[MsgType, memoryview] | None = None) -> Frame:
-        frame = self.recv(into)
-        if frame.type == MsgType.ERROR:
-            raise Refused(f"peer reported an error: {frame.meta.get('reason', '?')}")
-        if frame.type not in kinds:
-            names = "/".join(k.name for k in kinds)
-            raise ProtocolError(f"unexpected {frame.type.name}, expected {names}")
-        return frame
 
     def _recv_exact(
         self, view: memoryview, until: float | None, doing: str = "receiving a frame"
@@ -354,9 +303,242 @@ class Connection:
         self.sock.close()
 
 
+class Connection(Channel):
+    """One authenticated peer. Not thread-safe per direction: one sender, one receiver.
+
+    It starts in the handshake (frames HMAC-tagged under the given keys, every frame's bytes
+    hashed into the transcript) and is sealed from `rekey` on (ChaCha20-Poly1305 per
+    direction)."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        send_key: bytes,
+        recv_key: bytes,
+        max_frame: int,
+        peer: str,
+        deadlines: Deadlines | None = None,
+    ) -> None:
+        super().__init__(sock, peer, deadlines)
+        self.max_frame = max_frame
+        self.meta_limit = MAX_META
+        # type -> the largest payload it may carry; None: anything within max_frame.
+        self.payload_limits: Mapping[MsgType, int] | None = None
+        self._send_key, self._recv_key = send_key, recv_key
+        self._send_aead: ChaCha20Poly1305 | None = None  # sealed from rekey on
+        self._recv_aead: ChaCha20Poly1305 | None = None
+        self._broadcast: ChaCha20Poly1305 | None = None  # the server's, on a worker
+        self.transcript = hashlib.sha256()  # every handshake frame, both directions
+        self._send_seq = 0
+        self._recv_seq = 0
+        self._header = bytearray(HEADER.size)
+        self._tag = bytearray(TAG_LEN)
+        self._payload = bytearray(0)  # plaintext payloads land here (or in `into`)
+        self._sealed = bytearray(0)  # a sealed payload as received, opened into the above
+        self._outgoing = bytearray(0)  # a payload sealed for sending
+        self._send_lock = threading.Lock()  # heartbeats come from a second thread
+
+    def rekey(self, send_key: bytes, recv_key: bytes) -> None:
+        """From the next frame on, seal every frame: ChaCha20-Poly1305 under these keys."""
+        self._send_aead, self._recv_aead = ChaCha20Poly1305(send_key), ChaCha20Poly1305(recv_key)
+
+    def accept_broadcasts(self, key: bytes) -> None:
+        """Open FLAG_BROADCAST payloads with the server's broadcast key (from its WELCOME)."""
+        self._broadcast = ChaCha20Poly1305(key)
+
+    def limit_payloads(self, limits: Mapping[MsgType, int]) -> None:
+        """From now on accept only these types with a payload of at most their size (others:
+        none), into one buffer allocated here, once, of the largest."""
+        self.payload_limits = dict(limits)
+        self._payload = bytearray(max(limits.values(), default=0))
+
+    # -- sending -----------------------------------------------------------------------------
+    def send(
+        self,
+        mtype: MsgType,
+        meta: dict[str, Any] | None = None,
+        payload: bytes | bytearray | memoryview = b"",
+        flags: int = 0,
+        sealed: Sealed | None = None,
+    ) -> None:
+        """Send one frame; `sealed`: a payload sealed once by `Broadcast` instead of `payload`
+        (its step must be the metadata's)."""
+        meta = meta or {}
+        if sealed is not None and (sealed.mtype != mtype or meta.get("step") != sealed.step):
+            raise ValueError(
+                f"a broadcast {sealed.mtype.name} of step {sealed.step} sent as {mtype.name}"
+            )
+        meta_bytes = json.dumps(meta, separators=(",", ":")).encode()
+        body = memoryview(payload).cast("B")
+        with self._send_lock:
+            seq = self._send_seq
+            nbytes, flags = (sealed.nbytes, sealed.flags) if sealed else (body.nbytes, flags)
+            header = HEADER.pack(MAGIC, VERSION, int(mtype), flags, seq, len(meta_bytes), nbytes)
+            self._send_seq += 1
+            if self._send_aead is None:  # the handshake
+                mac = hmac.new(self._send_key, header + meta_bytes, hashlib.sha256)
+                mac.update(body)
+                parts = [header + meta_bytes, body, mac.digest()]
+                for part in parts:
+                    self.transcript.update(part)
+            else:
+                meta_nonce = NONCE.pack(META_PART, seq)
+                parts = [header + self._send_aead.encrypt(meta_nonce, meta_bytes, header)]
+                if sealed is not None:
+                    parts.append(sealed.data)
+                elif body.nbytes:
+                    parts.append(self._seal_payload(header, seq, body))
+            # One gathered write: no small packets with TCP_NODELAY.
+            self._sendmsg(parts)
+
+    def _seal_payload(self, header: bytes, seq: int, body: memoryview) -> memoryview:
+        """The payload sealed into the connection's outgoing buffer (one pass, no allocation)."""
+        assert self._send_aead is not None
+        if len(self._outgoing) < body.nbytes + SEAL_TAG:
+            self._outgoing = bytearray(body.nbytes + SEAL_TAG)
+        out = memoryview(self._outgoing)[: body.nbytes + SEAL_TAG]
+        self._send_aead.encrypt_into(NONCE.pack(PAYLOAD_PART, seq), body, header, out)
+        return out
+
+    # -- receiving ---------------------------------------------------------------------------
+    def recv(self, into: Mapping[MsgType, memoryview] | None = None) -> Frame:
+        """Read one frame. A payload whose type is in `into` lands in that buffer, which it
+        must fill exactly; any other payload lands in the connection's own reused buffer."""
+        header = memoryview(self._header)
+        self._recv_exact(header[:1], self._until(self.idle_timeout), "waiting for a frame")
+        until = self._until(self.frame_timeout)  # from the first byte to the last
+        self._recv_exact(header[1:], until)
+        magic, version, mtype, flags, seq, meta_len, payload_len = HEADER.unpack(self._header)
+        if magic != MAGIC:
+            raise ProtocolError(f"bad magic {bytes(magic)!r}")
+        if version != VERSION:
+            raise WrongVersion(version)
+        try:
+            kind = MsgType(mtype)
+        except ValueError:
+            raise ProtocolError(f"unknown message type {mtype}") from None
+        # Checked on the header, before anything is allocated or read.
+        limit = self.max_frame - HEADER.size - TAG_LEN - meta_len
+        if self.payload_limits is not None:
+            limit = min(limit, self.payload_limits.get(kind, 0))
+        if meta_len > self.meta_limit or payload_len > limit:
+            raise ProtocolError(
+                f"{kind.name} frame of {meta_len} + {payload_len} bytes (metadata + payload) "
+                f"exceeds the limit of {self.meta_limit} + {max(limit, 0)}"
+            )
+        if seq != self._recv_seq:
+            raise ProtocolError(f"sequence number {seq}, expected {self._recv_seq}")
+        if into is not None and kind in into:
+            target = into[kind].cast("B")
+            if target.nbytes != payload_len:
+                raise ProtocolError(
+                    f"{kind.name} payload of {payload_len} bytes, expected {target.nbytes}"
+                )
+        else:
+            if len(self._payload) < payload_len:
+                self._payload = bytearray(payload_len)
+            target = memoryview(self._payload)[:payload_len]
+        if self._recv_aead is None:
+            meta_raw = self._recv_handshake_frame(kind, seq, meta_len, target, until)
+        else:
+            meta_raw = self._recv_sealed_frame(kind, flags, meta_len, target, until)
+        self._recv_seq += 1
+        meta = _parse_meta(meta_raw)
+        if flags & FLAG_BROADCAST:
+            self._open_broadcast(kind, flags, meta, target, until)
+        return Frame(kind, flags & ~FLAG_BROADCAST, meta, target)
+
+    def _recv_handshake_frame(
+        self, kind: MsgType, seq: int, meta_len: int, target: memoryview, until: float | None
+    ) -> bytes:
+        """Metadata and payload in the clear, then the HMAC over header, metadata, payload."""
+        meta_raw = bytearray(meta_len)  # at most meta_limit
+        self._recv_exact(memoryview(meta_raw), until)
+        self._recv_exact(target, until)
+        self._recv_exact(memoryview(self._tag), until)
+        mac = hmac.new(self._recv_key, self._header, hashlib.sha256)
+        mac.update(meta_raw)
+        mac.update(target)
+        if not hmac.compare_digest(mac.digest(), self._tag):
+            raise BadTag(f"bad HMAC on {kind.name} frame {seq}")
+        for part in (self._header, meta_raw, target, self._tag):
+            self.transcript.update(part)
+        return bytes(meta_raw)
+
+    def _recv_sealed_frame(
+        self, kind: MsgType, flags: int, meta_len: int, target: memoryview, until: float | None
+    ) -> bytes:
+        """Sealed metadata, then (unless it is a broadcast) the sealed payload, opened into
+        `target`: one pass over the payload, which fails on any changed, replayed, reordered
+        or foreign byte."""
+        assert self._recv_aead is not None
+        header, seq = bytes(self._header), self._recv_seq  # the nonce is our count, not theirs
+        sealed_meta = bytearray(meta_len + SEAL_TAG)
+        self._recv_exact(memoryview(sealed_meta), until)
+        try:
+            meta_raw = self._recv_aead.decrypt(NONCE.pack(META_PART, seq), sealed_meta, header)
+        except InvalidTag:
+            raise BadTag(f"bad tag on {kind.name} frame {seq}") from None
+        if target.nbytes and not flags & FLAG_BROADCAST:
+            sealed = self._receive_sealed(target.nbytes, until)
+            try:
+                self._recv_aead.decrypt_into(NONCE.pack(PAYLOAD_PART, seq), sealed, header, target)
+            except InvalidTag:
+                raise BadTag(f"bad tag on the payload of {kind.name} frame {seq}") from None
+        return meta_raw
+
+    def _receive_sealed(self, nbytes: int, until: float | None) -> memoryview:
+        if len(self._sealed) < nbytes + SEAL_TAG:
+            self._sealed = bytearray(nbytes + SEAL_TAG)
+        sealed = memoryview(self._sealed)[: nbytes + SEAL_TAG]
+        self._recv_exact(sealed, until)
+        return sealed
+
+    def _open_broadcast(
+        self,
+        kind: MsgType,
+        flags: int,
+        meta: dict[str, Any],
+        target: memoryview,
+        until: float | None,
+    ) -> None:
+        """A payload the server sealed once for every worker, under its broadcast key with the
+        step (from the metadata, which is sealed on this connection) in the nonce."""
+        step = meta.get("step")
+        if self._broadcast is None or not isinstance(step, int) or step < 0:
+            raise ProtocolError(f"broadcast {kind.name} without a broadcast key or a step")
+        sealed = self._receive_sealed(target.nbytes, until)
+        try:
+            self._broadcast.decrypt_into(
+                NONCE.pack(BROADCAST_PART, step), sealed, _broadcast_aad(kind, flags), target
+            )
+        except InvalidTag:
+            raise BadTag(f"bad tag on the broadcast payload of {kind.name} step {step}") from None
+
+    def expect(self, *kinds: MsgType, into: Mapping[MsgType, memoryview] | None = None) -> Frame:
+        frame = self.recv(into)
+        if frame.type == MsgType.ERROR:
+            raise Refused(f"peer reported an error: {frame.meta.get('reason', '?')}")
+        if frame.type not in kinds:
+            names = "/".join(k.name for k in kinds)
+            raise ProtocolError(f"unexpected {frame.type.name}, expected {names}")
+        return frame
+
+
+def _parse_meta(meta_raw: bytes) -> dict[str, Any]:
+    try:
+        meta = json.loads(meta_raw) if meta_raw else {}
+    except (ValueError, RecursionError):  # bad UTF-8 or JSON, or nested too deep
+        raise ProtocolError("metadata is not a JSON object we can read") from None
+    if not isinstance(meta, dict):
+        raise ProtocolError("metadata is not a JSON object")
+    return meta
+
+
 # -- handshake -------------------------------------------------------------------------------
 # Handshake frames are MACed with keys derived from the secret alone; the client then proves it
-# knows the secret over both fresh nonces, and both sides switch to per-connection session keys.
+# knows the secret over both fresh nonces, and both sides switch to per-connection session keys
+# derived from the secret and everything the handshake sent (both nonces included).
 
 
 def _handshake_keys(secret: bytes) -> tuple[bytes, bytes]:
@@ -364,9 +546,28 @@ def _handshake_keys(secret: bytes) -> tuple[bytes, bytes]:
     return c2s, _mac_key(secret, b"smolcluster/1 handshake s2c")
 
 
-def _session_keys(secret: bytes, nonce_c: bytes, nonce_s: bytes) -> tuple[bytes, bytes]:
-    session = hmac.new(secret, b"session" + nonce_c + nonce_s, hashlib.sha256).digest()
-    return _mac_key(session, b"c2s"), _mac_key(session, b"s2c")
+def _session_keys(secret: bytes, transcript: bytes) -> tuple[bytes, bytes]:
+    """(client-to-server, server-to-client) keys: HKDF-SHA256 of the secret, salted with the
+    SHA-256 of the handshake transcript, so every connection has keys of its own."""
+    hkdf = HKDF(hashes.SHA256(), 2 * KEY_LEN, salt=transcript, info=b"smolcluster/3 session")
+    keys = hkdf.derive(secret)
+    return keys[:KEY_LEN], keys[KEY_LEN:]
+
+
+def _refuse_old_peer(sock: socket.socket, secret: bytes, version: int) -> None:
+    """Answer a version-2 HELLO with a REJECT a version-2 worker verifies and reports (its
+    handshake frames are tagged as ours are, over SHA-256 of the empty payload), so the old
+    side stops with the reason instead of redialling; other versions are only closed."""
+    if version != 2:
+        return
+    reason = json.dumps({"reason": str(WrongVersion(version))}).encode()
+    header = HEADER.pack(MAGIC, version, int(MsgType.REJECT), 0, 0, len(reason), 0)
+    mac = hmac.new(_handshake_keys(secret)[1], header + reason, hashlib.sha256)
+    mac.update(hashlib.sha256(b"").digest())
+    with contextlib.suppress(OSError):
+        sock.sendall(header + reason + mac.digest())
+        sock.shutdown(socket.SHUT_WR)
+        sock.recv(HANDSHAKE_META + 64)  # the rest of its HELLO: unread, it would make close reset
 
 
 def _proof(secret: bytes, nonce_c: bytes, nonce_s: bytes) -> str:
@@ -374,13 +575,18 @@ def _proof(secret: bytes, nonce_c: bytes, nonce_s: bytes) -> str:
 
 
 def _nonce(meta: dict[str, Any], key: str) -> bytes:
+    return _key(meta.get(key), key)
+
+
+def _key(value: Any, name: str) -> bytes:
+    """32 bytes from 64 hex characters (a nonce or a key), or a ProtocolError naming them."""
     try:
-        value = bytes.fromhex(meta[key])
-    except (KeyError, TypeError, ValueError):
-        raise ProtocolError(f"handshake without a valid {key}") from None
-    if len(value) != NONCE_LEN:
-        raise ProtocolError(f"handshake {key} has the wrong length")
-    return value
+        raw = bytes.fromhex(value)
+    except (TypeError, ValueError):
+        raise ProtocolError(f"handshake without a valid {name}") from None
+    if len(raw) != NONCE_LEN:
+        raise ProtocolError(f"handshake {name} has the wrong length")
+    return raw
 
 
 def _handshaking(conn: Connection, timeout: float) -> None:
@@ -422,10 +628,12 @@ def client_handshake(
         raise Refused(f"server refused us: {first.meta.get('reason', '?')}")
     nonce_s = _nonce(first.meta, "nonce")
     conn.send(MsgType.AUTH, {"proof": _proof(secret, nonce_c, nonce_s)})
-    conn.rekey(*_session_keys(secret, nonce_c, nonce_s))
+    conn.rekey(*_session_keys(secret, conn.transcript.digest()))
     reply = conn.expect(MsgType.WELCOME, MsgType.REJECT)
     if reply.type == MsgType.REJECT:
         raise Refused(f"server refused us: {reply.meta.get('reason', '?')}")
+    if "broadcast_key" in reply.meta:
+        conn.accept_broadcasts(_key(reply.meta.pop("broadcast_key"), "broadcast_key"))
     _session(conn)
     return conn, reply
 
@@ -451,6 +659,9 @@ def server_handshake(
         with contextlib.suppress(ProtocolError):
             conn.send(MsgType.REJECT, {"reason": "authentication failed: wrong cluster secret"})
         raise
+    except WrongVersion as exc:
+        _refuse_old_peer(sock, secret, exc.version)
+        raise
     nonce_c = _nonce(hello, "nonce")
     nonce_s = os.urandom(NONCE_LEN)
     conn.send(MsgType.CHALLENGE, {"nonce": nonce_s.hex()})
@@ -459,7 +670,7 @@ def server_handshake(
         proof, _proof(secret, nonce_c, nonce_s)
     ):
         raise ProtocolError("authentication failed (wrong cluster secret?)")
-    send_key, recv_key = _session_keys(secret, nonce_c, nonce_s)[::-1]
+    send_key, recv_key = _session_keys(secret, conn.transcript.digest())[::-1]
     conn.rekey(send_key, recv_key)
     _session(conn)
     return conn, hello

@@ -31,7 +31,6 @@ from smolcluster.protocol import (
     Frame,
     MsgType,
     ProtocolError,
-    payload_digest,
 )
 from smolcluster.replica import Replica
 
@@ -151,14 +150,15 @@ class SyncLoop:
             self.split_next(step + 1)
         if self.covering:
             self.cover_next()
-        digest = payload_digest(payload)  # one pass over the average for all N frames
+        # One pass over the average for all N frames: sealed once under the broadcast key.
+        sealed = self.hub.broadcast.seal(MsgType.AVERAGE, step, payload, self.codec.flags)
         for peer in answered:
             meta: dict[str, Any] = {"step": step, "last": last}
             if peer in self.assignment:
                 meta["cursor"], meta["batch"] = self.assignment[peer]
             if self.cover.get(peer.rank):
                 meta["cover"] = self.cover[peer.rank]
-            self.hub.send_to(peer, MsgType.AVERAGE, meta, payload, self.codec.flags, digest)
+            self.hub.send_to(peer, MsgType.AVERAGE, meta, sealed=sealed)
         return Round({p: part[0] for p, part in answered.items()}, samples, loss_sum)
 
     def admit_pending(self, step: int) -> None:

@@ -9,7 +9,6 @@ waits for workers. Cheap tests of the connection layer over loopback come first.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import os
 import resource
 import select
@@ -27,6 +26,8 @@ from smolcluster.harness import LocalCluster
 from smolcluster.protocol import (
     HEADER,
     MAGIC,
+    META_PART,
+    NONCE,
     VERSION,
     Connection,
     Deadlines,
@@ -56,12 +57,16 @@ def header(mtype: int = MsgType.HELLO, meta_len: int = 2, payload_len: int = 0, 
 
 
 def send_raw_meta(conn: Connection, mtype: MsgType, meta: bytes) -> None:
-    """A correctly tagged frame whose metadata bytes are ours, not json.dumps'."""
-    head = header(mtype, len(meta), 0, conn._send_seq)
-    mac = hmac.new(conn._send_key, head + meta, hashlib.sha256)
-    mac.update(hashlib.sha256(b"").digest())
+    """A correctly sealed frame whose metadata bytes are ours, not json.dumps'."""
+    seq = conn._send_seq
+    head = header(mtype, len(meta), 0, seq)
     conn._send_seq += 1
-    conn._sendmsg([head + meta, mac.digest()])
+    conn._sendmsg([head + conn._send_aead.encrypt(NONCE.pack(META_PART, seq), meta, head)])
+
+
+def session(conn: Connection) -> Connection:
+    conn.rekey(KEY, KEY)  # sealed, as after a handshake
+    return conn
 
 
 def dribble(sock: socket.socket, data: bytes, every: float) -> None:
@@ -105,7 +110,7 @@ def test_a_dribbled_frame_times_out_as_a_whole() -> None:
 
 def test_a_peer_that_stops_reading_fails_the_send_on_time() -> None:
     _, sending = tcp_pair()  # the other end never reads
-    sender = Connection(sending, KEY, KEY, MAX_FRAME, "s", Deadlines(send=0.5))
+    sender = session(Connection(sending, KEY, KEY, MAX_FRAME, "s", Deadlines(send=0.5)))
     started = time.monotonic()
     with pytest.raises(PeerTimeout, match="stopped reading"):
         sender.send(MsgType.AVERAGE, {}, bytes(64 << 20))
@@ -132,8 +137,8 @@ def test_before_authentication_no_payload_is_accepted() -> None:
 
 def test_session_payloads_are_limited_per_type_into_one_buffer() -> None:
     feed, receiving = tcp_pair()
-    sender = Connection(feed, KEY, KEY, MAX_FRAME, "s")
-    receiver = Connection(receiving, KEY, KEY, MAX_FRAME, "r")
+    sender = session(Connection(feed, KEY, KEY, MAX_FRAME, "s"))
+    receiver = session(Connection(receiving, KEY, KEY, MAX_FRAME, "r"))
     receiver.limit_payloads({MsgType.GRADS: 400})
     buffer = receiver._payload
     sender.send(MsgType.GRADS, {"step": 0}, bytes(400))
@@ -146,8 +151,8 @@ def test_session_payloads_are_limited_per_type_into_one_buffer() -> None:
 
 def test_metadata_nested_too_deep_is_a_protocol_error() -> None:
     feed, receiving = tcp_pair()
-    sender = Connection(feed, KEY, KEY, MAX_FRAME, "s")
-    receiver = Connection(receiving, KEY, KEY, MAX_FRAME, "r")
+    sender = session(Connection(feed, KEY, KEY, MAX_FRAME, "s"))
+    receiver = session(Connection(receiving, KEY, KEY, MAX_FRAME, "r"))
     send_raw_meta(sender, MsgType.GRADS, DEEP)
     with pytest.raises(ProtocolError, match="JSON"):
         receiver.recv()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import os
 import pickle
 import socket
@@ -13,16 +15,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from smolcluster.harness import LocalCluster
 from smolcluster.protocol import (
     HEADER,
     MAGIC,
+    SEAL_TAG,
     TAG_LEN,
     VERSION,
+    BadTag,
+    Broadcast,
     Connection,
     MsgType,
     ProtocolError,
+    WrongVersion,
     client_handshake,
     read_secret,
     server_handshake,
@@ -40,13 +47,13 @@ def tcp_pair() -> tuple[socket.socket, socket.socket]:
     return client, server
 
 
-def authenticated_pair() -> tuple[Connection, Connection]:
+def authenticated_pair(welcome: dict | None = None) -> tuple[Connection, Connection]:
     a, b = tcp_pair()
     box: dict[str, Connection] = {}
 
     def serve() -> None:
         conn, _ = server_handshake(b, SECRET, MAX_FRAME, "test")
-        conn.send(MsgType.WELCOME, {})  # the server admits the client
+        conn.send(MsgType.WELCOME, welcome or {})  # the server admits the client
         box["server"] = conn
 
     thread = threading.Thread(target=serve)
@@ -80,21 +87,33 @@ def test_tensors_round_trip_bit_exact() -> None:
     assert client.bytes_sent > 339_210 * 4 and server.bytes_recv == client.bytes_sent
 
 
+def frame_bytes(conn: Connection, mtype: MsgType, meta: dict, payload=b"", **kw) -> bytes:
+    """The exact bytes `conn` would write for one frame (its sequence number advances)."""
+    parts: list[bytes] = []
+    conn._sendmsg = lambda views: parts.extend(bytes(v) for v in views)  # type: ignore[method-assign]
+    try:
+        conn.send(mtype, meta, payload, **kw)
+    finally:
+        del conn._sendmsg
+    return b"".join(parts)
+
+
+def sealed(conn: Connection, send_key: bytes, recv_key: bytes) -> Connection:
+    conn.rekey(send_key, recv_key)  # as at the end of a handshake
+    return conn
+
+
 def _raw_frames(count: int) -> tuple[Connection, list[bytes]]:
-    """Capture the exact bytes of `count` frames a sender writes, and a fresh receiver."""
-    sender_sock, capture = tcp_pair()
-    sender = Connection(sender_sock, b"k" * 32, b"k" * 32, MAX_FRAME, "sender")
+    """The exact bytes of `count` sealed frames a sender writes, and a fresh receiver."""
+    sender_sock, _ = tcp_pair()
+    sender = sealed(Connection(sender_sock, b"", b"", MAX_FRAME, "sender"), b"a" * 32, b"b" * 32)
     frames = []
     for i in range(count):
         payload = torch.full((10,), float(i)).numpy()
-        sender.send(MsgType.GRADS, {"step": i}, payload)
-        size = HEADER.size + len(b'{"step":0}') + 40 + TAG_LEN
-        data = b""
-        while len(data) < size:
-            data += capture.recv(size - len(data))
-        frames.append(data)
+        frames.append(frame_bytes(sender, MsgType.GRADS, {"step": i}, payload))
+        assert len(frames[-1]) == HEADER.size + len(b'{"step":0}') + SEAL_TAG + 40 + SEAL_TAG
     feed, receiver_sock = tcp_pair()
-    receiver = Connection(receiver_sock, b"k" * 32, b"k" * 32, MAX_FRAME, "receiver")
+    receiver = sealed(Connection(receiver_sock, b"", b"", MAX_FRAME, "r"), b"b" * 32, b"a" * 32)
     receiver._feed = feed  # keep the writing end alive
     return receiver, frames
 
@@ -111,13 +130,101 @@ def test_replayed_and_reordered_frames_are_refused() -> None:
         receiver.recv()
 
 
-def test_tampered_frame_is_refused() -> None:
+def test_a_reordered_frame_fails_authentication_even_with_the_expected_seq() -> None:
+    receiver, (_, second) = _raw_frames(2)
+    relabelled = bytearray(second)
+    relabelled[8:16] = (0).to_bytes(8, "big")  # claims to be frame 0
+    receiver._feed.sendall(bytes(relabelled))
+    with pytest.raises(BadTag, match="bad tag on GRADS frame 0"):
+        receiver.recv()
+
+
+@pytest.mark.parametrize(
+    ("where", "error"),
+    [(HEADER.size + 2, "bad tag on GRADS"), (-SEAL_TAG - 1, "bad tag on the payload")],
+)
+def test_tampered_ciphertext_is_refused(where: int, error: str) -> None:
     receiver, (first,) = _raw_frames(1)
     tampered = bytearray(first)
-    tampered[-TAG_LEN - 1] ^= 1  # one bit of the payload
+    tampered[where] ^= 1  # one bit of the sealed metadata, or of the sealed payload
     receiver._feed.sendall(bytes(tampered))
-    with pytest.raises(ProtocolError, match="bad HMAC"):
+    with pytest.raises(BadTag, match=error):
         receiver.recv()
+
+
+def test_frames_are_encrypted_on_the_wire() -> None:
+    client, server = authenticated_pair()
+    secret_meta, payload = "loss-0.123456", torch.arange(64, dtype=torch.float32).numpy()
+    wire = frame_bytes(client, MsgType.GRADS, {"step": 0, "tag": secret_meta}, payload)
+    assert secret_meta.encode() not in wire and payload.tobytes()[8:40] not in wire
+    client.sock.sendall(wire)
+    frame = server.recv()
+    assert frame.meta["tag"] == secret_meta and bytes(frame.payload) == payload.tobytes()
+
+
+def test_a_frame_from_another_connection_fails_authentication() -> None:
+    """Same secret, same sequence number, another connection: its keys are not this one's."""
+    client_a, _ = authenticated_pair()
+    client_b, server_b = authenticated_pair()
+    stolen = frame_bytes(client_a, MsgType.GRADS, {"step": 0}, bytes(40))
+    client_b.sock.sendall(stolen)
+    with pytest.raises(BadTag, match="bad tag on GRADS frame 2"):
+        server_b.recv()
+
+
+def test_one_broadcast_seal_opens_on_every_connection_for_its_step_only() -> None:
+    broadcast = Broadcast()
+    welcome = {"broadcast_key": broadcast.key.hex()}
+    pairs = [authenticated_pair(welcome) for _ in range(2)]
+    average = torch.randn(1000)
+    once = broadcast.seal(MsgType.AVERAGE, 7, average.numpy())
+    step7 = bytes(once.data)  # the broadcast buffer is reused by the next seal
+    for client, server in pairs:
+        target = torch.zeros(1000)
+        server.send(MsgType.AVERAGE, {"step": 7}, sealed=once)
+        frame = client.recv({MsgType.AVERAGE: memoryview(target.numpy())})
+        assert frame.flags == 0 and torch.equal(target, average)
+    with pytest.raises(ValueError, match="nonce reuse"):
+        broadcast.seal(MsgType.AVERAGE, 7, average.numpy())
+    # Step 7's sealed payload under step 8's (genuinely sealed) header and metadata.
+    client, server = pairs[0]
+    later = broadcast.seal(MsgType.AVERAGE, 8, average.numpy())
+    wire = frame_bytes(server, MsgType.AVERAGE, {"step": 8}, sealed=later)
+    server.sock.sendall(wire[: -len(step7)] + step7)
+    with pytest.raises(BadTag, match="broadcast payload of AVERAGE step 8"):
+        client.recv()
+
+
+def test_an_old_version_peer_is_refused_with_a_reason_it_can_read() -> None:
+    """A version-2 worker's HELLO gets a version-2 REJECT tagged as version 2 tags it."""
+    a, b = tcp_pair()
+    errors: list[Exception] = []
+
+    def serve() -> None:
+        try:
+            server_handshake(b, SECRET, MAX_FRAME, "test")
+        except ProtocolError as exc:
+            errors.append(exc)
+        b.close()
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    s2c = hmac.new(SECRET, b"smolcluster/1 handshake s2c", hashlib.sha256).digest()
+    a.sendall(_old_version_hello(SECRET))
+    reply = b""
+    while chunk := a.recv(65536):
+        reply += chunk
+    thread.join()
+    _, version, mtype, _, _, meta_len, _ = HEADER.unpack(reply[: HEADER.size])
+    body = reply[HEADER.size : HEADER.size + meta_len]
+    expected = hmac.new(
+        s2c, reply[: HEADER.size] + body + hashlib.sha256(b"").digest(), hashlib.sha256
+    ).digest()
+    assert (version, mtype) == (2, MsgType.REJECT) and reply[-TAG_LEN:] == expected
+    assert b"older smolcluster" in body
+    assert isinstance(errors[0], WrongVersion) and "protocol version 2, expected 3" in str(
+        errors[0]
+    )
 
 
 def test_wrong_secret_is_refused() -> None:
@@ -180,6 +287,26 @@ def _attack(port: int, data: bytes, linger: float = 0.0) -> str:
     return closed
 
 
+def _old_version_hello(secret: bytes) -> bytes:
+    """A HELLO exactly as a version-2 worker sends it."""
+    c2s = hmac.new(secret, b"smolcluster/1 handshake c2s", hashlib.sha256).digest()
+    meta = b'{"host":"mini2","rank":1,"mode":"sync","nonce":"' + b"00" * 32 + b'"}'
+    head = HEADER.pack(MAGIC, 2, MsgType.HELLO, 0, 0, len(meta), 0)
+    return (
+        head + meta + hmac.new(c2s, head + meta + hashlib.sha256(b"").digest(), "sha256").digest()
+    )
+
+
+def _exchange(port: int, data: bytes) -> bytes:
+    """Send bytes, return everything the server answers until it closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+        sock.sendall(data)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    return reply
+
+
 def _record_handshake(port: int, secret: bytes) -> bytes:
     """Run a genuine handshake through a recording relay; return what the client sent."""
     relay = socket.create_server(("127.0.0.1", 0))
@@ -236,24 +363,36 @@ def test_bad_input_closes_only_that_connection(tmp_path: Path, offline_digits_ro
     cluster = LocalCluster(
         tmp_path,
         offline_digits_root,
-        workers=3,
+        workers=6,  # mini2 trains; the other five are insiders, in this process
         cluster={"handshake_timeout_s": 2.0, "min_workers": 1, "max_frame_bytes": 1 << 24},
-        nn={"max_steps": 80, "eval_steps": 40},
+        nn={"max_steps": 80, "eval_steps": 40, "num_epochs": 2},  # 46 steps an epoch
     )
     cluster.spawn("mini1", "server")
     cluster.wait_for_server_port()
-    wrong_type = EvilWorker(cluster, "mini3")
-    bad_mac = EvilWorker(cluster, "pi5")
-    legit = cluster.spawn("mini2", "worker", "--host", "mini2", "--throttle-s", "0.1")
-    wrong_type.wait_for_start()
-    bad_mac.wait_for_start()
+    insiders = {host: EvilWorker(cluster, host) for host in cluster.workers[1:]}
+    # mini2 computes all six batches once the insiders are gone: 6 x 0.05 s a step, as before
+    legit = cluster.spawn("mini2", "worker", "--host", "mini2", "--throttle-s", "0.05")
+    for insider in insiders.values():
+        insider.wait_for_start()
     # Authenticated peers that break the protocol are dropped at once, nobody else is.
-    wrong_type.conn.send(MsgType.PUSH, {"step": 0}, b"\0" * 8)
-    bad_mac.conn._send_key = os.urandom(32)
-    bad_mac.conn.send(MsgType.GRADS, {"step": 0, "samples": 32, "loss": 1.0})
+    grads = {"step": 0, "samples": 32, "loss": 1.0}
+    insiders["mini3"].conn.send(MsgType.PUSH, {"step": 0}, b"\0" * 8)
+    insiders["pi5"].conn._send_aead = ChaCha20Poly1305(os.urandom(32))  # a key of its own
+    insiders["pi5"].conn.send(MsgType.GRADS, grads)
+    genuine = frame_bytes(insiders["pi4"].conn, MsgType.GRADS, grads, bytes(64))
+    tampered = bytearray(genuine)
+    tampered[-SEAL_TAG - 3] ^= 1  # one bit of the sealed payload
+    insiders["pi4"].conn.sock.sendall(bytes(tampered))
+    insiders["worker6"].conn.sock.sendall(genuine)  # pi4's frame, on another connection
+    reordering = insiders["macbook"].conn
+    frame_bytes(reordering, MsgType.HEARTBEAT, {})  # frame 2, never sent
+    third = bytearray(frame_bytes(reordering, MsgType.GRADS, grads))
+    third[8:16] = (2).to_bytes(8, "big")  # sent first, as if it were frame 2
+    reordering.sock.sendall(bytes(third))
 
     port = cluster.port
-    genuine = _record_handshake(port, cluster.secret)
+    old = _old_version_hello(cluster.secret)
+    assert b"older smolcluster" in _exchange(port, old)  # an old worker is told why
     attacks = {
         "bad magic": _header(magic=b"EVIL") + b"{}" + bytes(TAG_LEN),
         "wrong version": _header(version=99) + b"{}" + bytes(TAG_LEN),
@@ -263,7 +402,7 @@ def test_bad_input_closes_only_that_connection(tmp_path: Path, offline_digits_ro
         "unknown type": _header(mtype=200) + b"{}" + bytes(TAG_LEN),
         "random bytes": os.urandom(4096),
         "pickle": struct.pack("!I", 40) + pickle.dumps({"command": "register", "rank": 1}),
-        "replayed handshake": genuine,
+        "replayed handshake": _record_handshake(port, cluster.secret),
         "silent": b"",
     }
     outcomes = {name: _attack(port, data, linger=0.2) for name, data in attacks.items()}
@@ -281,6 +420,7 @@ def test_bad_input_closes_only_that_connection(tmp_path: Path, offline_digits_ro
     for reason in (
         "bad magic",
         "protocol version 99",
+        "protocol version 2, expected 3",
         "exceeds the limit",
         "bad HMAC",
         "unknown message type 200",
@@ -289,4 +429,7 @@ def test_bad_input_closes_only_that_connection(tmp_path: Path, offline_digits_ro
     ):
         assert reason in log, f"no log line for {reason!r}:\n{log}"
     assert "dropped mini3(rank 2): unexpected PUSH" in log
-    assert "dropped pi5(rank 3): bad HMAC" in log
+    assert "dropped pi5(rank 3): bad tag on GRADS frame 2" in log
+    assert "dropped pi4(rank 4): bad tag on the payload of GRADS frame 2" in log
+    assert "dropped macbook(rank 5): bad tag on GRADS frame 2" in log
+    assert "dropped worker6(rank 6): bad tag on GRADS frame 2" in log

@@ -1,0 +1,170 @@
+"""Where a sync step's time goes, per process: py-spy over a real N-worker run on loopback.
+
+    python -m benchmarks.profile_sync                      # N=3, 8 s window, this checkout
+    python -m benchmarks.profile_sync --code DIR ...       # another checkout's trainer first
+                                                           # on PYTHONPATH (before/after)
+
+The real `smolcluster server` + N `smolcluster worker` processes (benchmarks.runs.socket_cluster,
+sync fp32, batch 32, one torch thread each) train a long run; once 20 steps are done, py-spy
+(the dev extra) attaches to the server and the first worker for `--seconds` (`record --idle
+--threads`), then the run is stopped. Each sample is one thread's stack at one instant; the
+server's main thread, its reader threads (summed) and the worker's main thread are told apart
+by a frame only they have (LOOPS), and a sample goes to the first bucket (BUCKETS) one of its
+frames matches, leaf first. Shares are of that thread kind's samples, so waiting is a bucket
+too. The step timers (server step_time_s, worker compute_s and wait_s) are the medians of the
+JSONL metrics over the same window; the load average is printed with the table, because on a
+shared machine only the ratios of one run compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+from benchmarks.common import REPO, default_data_root, median, prepare_data
+from benchmarks.runs import socket_cluster
+
+
+def fn(*names: str) -> str:
+    """A frame of one of these functions or methods: py-spy writes `Class.name (file:line)`."""
+    return rf"(^|\.)({'|'.join(names)}) \("
+
+
+# (bucket, regex over one frame), tried from the leaf of a stack up.
+BUCKETS = [
+    ("hashing (SHA-256, HMAC)", fn("payload_digest", "openssl_sha256", "_mac_key") + "|hmac\\.py"),
+    ("AEAD seal/open (ChaCha20-Poly1305)", fn("_seal_payload", "_recv_sealed_frame", "seal",
+                                               "_open_broadcast", "encrypt", "decrypt")),
+    ("waiting (poll, queue get, lock)", fn("_wait", "wait", "get") + r"|queue\.py:1[0-9]{2}\)"),
+    ("recv_into (kernel copy in)", fn("_recv_exact", "recv_into")),
+    ("sendmsg (kernel copy out)", fn("_sendmsg", "sendmsg")),
+    ("queue hand-off (put)", fn("put")),
+    ("Adam step", fn("step") + r".*replica\.py"),
+    ("forward + backward", fn("compute_gradients")),
+    ("average (weighted sum)", fn("average_into_grads")),
+    ("checks + decode (isfinite, codec)", fn("gradients", "read", "round_trip", "decode")),
+    ("checksum", fn("checksum")),
+    ("metrics + JSON", r"metrics\.py|json/"),
+]  # fmt: skip
+OTHER = "other Python (frames, dispatch)"
+LOOPS = {  # thread kind -> a frame only that kind of thread has on its stack
+    "server main": fn("run") + r".*smolcluster/sync\.py",
+    "server readers": fn("_serve_connection"),
+    "worker main": fn("_session") + r".*smolcluster/worker\.py",
+}
+
+
+def bucket(frames: list[str]) -> str:
+    for frame in reversed(frames):  # leaf first
+        for name, pattern in BUCKETS:
+            if re.search(pattern, frame):
+                return name
+    return OTHER
+
+
+def read_profile(path: Path, kinds: list[str]) -> dict[str, Counter[str]]:
+    """py-spy's raw (collapsed) output -> samples per bucket, per thread kind of `kinds`."""
+    shares: dict[str, Counter[str]] = {kind: Counter() for kind in kinds}
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = [f.strip() for f in stack.split(";")]
+        for kind in kinds:
+            if any(re.search(LOOPS[kind], f) for f in frames):
+                shares[kind][bucket(frames)] += int(count)
+                break
+    return shares
+
+
+def profile(code: Path, n: int, seconds: float, rate: int, work: Path, data_root: Path) -> str:
+    """Start a long run, attach py-spy to the server and one worker for `seconds` once 20
+    steps are done (so start-up and joining are not in the window), then stop the run."""
+    pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    env = {"PYTHONPATH": os.pathsep.join([str(code), str(REPO)])}
+    cluster = socket_cluster(work / "run", n, data_root, steps=100_000, epochs=100, env=env)
+    worker = cluster.workers[0]
+    try:
+        cluster.start()
+        cluster.wait_for_step(20)
+        record = ["record", "--idle", "--threads", "--nonblocking", "--rate", str(rate)]
+        spies = [
+            subprocess.Popen(
+                [pyspy, *record, "--duration", str(round(seconds)), "--format", "raw",
+                 "-o", str(work / f"{host}.txt"), "--pid", str(cluster.procs[host].pid)],
+                stdout=subprocess.DEVNULL,
+                stderr=(work / f"{host}.py-spy.log").open("w"),
+            )
+            for host in ("mini1", worker)
+        ]  # fmt: skip
+        first = len(cluster.events("mini1", "step"))
+        worker_first = len(cluster.events(worker, "step"))
+        for spy in spies:
+            spy.wait(timeout=seconds + 60)
+        server_steps = cluster.events("mini1", "step")[first:]
+        worker_steps = cluster.events(worker, "step")[worker_first:]
+    finally:
+        cluster.stop()
+    timers = {
+        "server step_time_s": median([e["step_time_s"] for e in server_steps]),
+        f"{worker} compute_s": median([e["compute_s"] for e in worker_steps]),
+        f"{worker} wait_s": median([e["wait_s"] for e in worker_steps]),
+    }
+    profiles = read_profile(work / "mini1.txt", ["server main", "server readers"])
+    profiles |= read_profile(work / f"{worker}.txt", ["worker main"])
+    names = [name for name, _ in BUCKETS] + [OTHER]
+    waiting = BUCKETS[2][0]
+    lines = [
+        f"# sync fp32, N={n}, py-spy {rate} Hz for {seconds:.0f} s ({len(server_steps)} steps),"
+        f" code {code}, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
+        "",
+        "% of the thread's samples (in brackets: % of its busy samples, i.e. not waiting)",
+        "",
+        "| bucket | " + " | ".join(profiles) + " |",
+        "|---|" + "---|" * len(profiles),
+    ]
+    for name in names:
+        cells = []
+        for c in profiles.values():
+            busy = sum(c.values()) - c[waiting]
+            share = f"{100 * c[name] / max(1, sum(c.values())):.1f}"
+            cells.append(
+                share if name == waiting else f"{share} ({100 * c[name] / max(1, busy):.0f})"
+            )
+        if any(c[name] for c in profiles.values()):
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append(
+        "| samples | " + " | ".join(str(sum(c.values())) for c in profiles.values()) + " |"
+    )
+    lines += ["", "step timers (median over the window, ms): "]
+    lines.append(", ".join(f"{k} {1000 * v:.2f}" for k, v in timers.items()))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workers", type=int, default=3)
+    p.add_argument("--seconds", type=float, default=8.0, help="profile window")
+    p.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
+    p.add_argument("--code", type=Path, nargs="+", default=[REPO], help="checkouts to profile")
+    p.add_argument("--work-dir", type=Path, help="keep profiles and logs here (default: temp)")
+    a = p.parse_args(argv)
+    data_root = default_data_root().resolve()
+    prepare_data(data_root)
+    with tempfile.TemporaryDirectory() as tmp:
+        if a.work_dir:
+            a.work_dir.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(dir=a.work_dir)) if a.work_dir else Path(tmp)
+        for i, code in enumerate(a.code):
+            print(profile(code.resolve(), a.workers, a.seconds, a.rate, work / str(i), data_root))
+            print()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
