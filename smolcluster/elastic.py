@@ -55,6 +55,25 @@ def eval_interval(server_cfg, eval_steps: int) -> int:
     return max(1, eval_steps // push_interval(server_cfg))
 
 
+def _count(value: object) -> bool:
+    """A JSON integer, not a bool (True is an int to isinstance)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def push_counts(meta: dict, version: int) -> tuple[int, int, int]:
+    """A PUSH's base version, samples and local steps, checked; a bad one is a protocol error."""
+    base, samples, steps = meta.get("base_version"), meta.get("samples"), meta.get("steps", 0)
+    if not _count(base) or not 0 <= base <= version:
+        raise ProtocolError(f"push from version {base!r}, current is {version}")
+    if not _count(samples) or samples <= 0:
+        raise ProtocolError("push without a valid sample count")
+    loss = meta.get("loss", float("nan"))
+    number = isinstance(loss, int | float) and not isinstance(loss, bool)
+    if not _count(steps) or steps < 0 or not number:
+        raise ProtocolError("push without a valid step count and loss")
+    return base, samples, steps
+
+
 def staleness_damping(staleness: int, exponent: float) -> float:
     """(1 + s) ** -exponent: a push made from an older version counts less."""
     return (1 + staleness) ** -exponent
@@ -183,14 +202,7 @@ class ElasticLoop:
         hub, progress, meta = self.hub, self.progress, frame.meta
         if frame.type != MsgType.PUSH:
             raise ProtocolError(f"unexpected {frame.type.name} in elastic mode")
-        base, samples = meta.get("base_version"), meta.get("samples")
-        if not isinstance(base, int) or not 0 <= base <= progress.step:
-            raise ProtocolError(f"push from version {base!r}, current is {progress.step}")
-        if not isinstance(samples, int) or samples <= 0:
-            raise ProtocolError("push without a valid sample count")
-        steps, loss = meta.get("steps", 0), meta.get("loss", float("nan"))
-        if not isinstance(steps, int) or steps < 0 or not isinstance(loss, int | float):
-            raise ProtocolError("push without a valid step count and loss")
+        base, samples, steps = push_counts(meta, progress.step)
         self.codec.read(frame, self.replica.numel, out=self.delta)
         if not torch.isfinite(self.delta.sum()):
             raise ProtocolError("non-finite update")

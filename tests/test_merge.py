@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from smolcluster.elastic import merge_weight, outer_step, staleness_damping
+from smolcluster.elastic import merge_weight, outer_step, push_counts, staleness_damping
+from smolcluster.protocol import ProtocolError
 from smolcluster.replica import weighted_mean_into
 from smolcluster.sync import deal_cover
 
@@ -87,3 +88,20 @@ def test_absent_ranks_are_dealt_round_robin_to_the_present() -> None:
     assert deal_cover([2], 4) == {2: [1, 3, 4]}
     assert deal_cover([1, 2], 5) == {1: [3, 5], 2: [4]}
     assert deal_cover([], 3) == {}
+
+
+def test_a_push_counts_only_with_integer_counts_and_a_number_loss() -> None:
+    good = {"base_version": 3, "samples": 128, "steps": 4, "loss": 0.5}
+    assert push_counts(good, 5) == (3, 128, 4)
+    bad = [
+        {"base_version": True},  # JSON true is not a version
+        {"samples": True},
+        {"steps": False},
+        {"loss": True},
+        {"loss": "0.5"},
+        {"base_version": 6},  # from the future
+        {"samples": 0},
+    ]
+    for change in bad:
+        with pytest.raises(ProtocolError):
+            push_counts({**good, **change}, 5)
