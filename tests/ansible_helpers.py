@@ -6,7 +6,6 @@ import importlib.util
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -42,12 +41,6 @@ def scratch_checkout(dest: Path) -> Path:
         elif src.exists():
             shutil.copy2(src, dest / name)
     return dest
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def playbook(cwd: Path, *args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:

@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from smolcluster.config import load_settings
-from tests.ansible_helpers import free_port, playbook, recap, scratch_checkout, show
+from smolcluster.harness import free_port
+from tests.ansible_helpers import playbook, recap, scratch_checkout, show
 
 CHECK_TASK = "Run smolcluster check-config on the rendered configs"
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from smolcluster.harness import free_port
 from tests.ansible_helpers import (
     BIN,
     REPO,
-    free_port,
     load_plugin,
     playbook,
     scratch_checkout,

@@ -20,7 +20,8 @@ import pytest
 import yaml
 
 from smolcluster.events import of_kind, read_records
-from tests.ansible_helpers import BIN, free_port, playbook, recap, scratch_checkout, show
+from smolcluster.harness import free_port
+from tests.ansible_helpers import BIN, playbook, recap, scratch_checkout, show
 
 pytestmark = pytest.mark.slow
 HOSTS = {"mini1", "mini2", "mini3", "pi4", "pi5", "macbook"}

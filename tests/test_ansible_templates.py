@@ -10,7 +10,8 @@ from pathlib import Path
 
 import yaml
 
-from tests.ansible_helpers import REPO, free_port, playbook, show
+from smolcluster.harness import free_port
+from tests.ansible_helpers import REPO, playbook, show
 
 TEMPLATES = REPO / "roles" / "trainer" / "templates"
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from smolcluster import doctor
+from smolcluster.harness import free_port
 from smolcluster.protocol import write_secret
-from tests.ansible_helpers import free_port
 
 
 @pytest.fixture
