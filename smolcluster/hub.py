@@ -147,7 +147,7 @@ class Hub:
 
     def _admit(self, conn: Connection, hello: dict[str, Any]) -> Peer:
         host, rank = hello.get("host"), hello.get("rank")
-        reason = None
+        reason, retry = None, False
         if host not in self.cfg.workers:
             reason = f"host {host!r} is not in this cluster's workers"
         elif rank != self.cfg.rank_of(host):
@@ -157,11 +157,12 @@ class Hub:
         else:
             with self.lock:
                 if host in self.hosts_connected:
-                    reason = f"{host} is already connected"
+                    # Its old connection died on its side first; ours ends at a deadline.
+                    reason, retry = f"{host} is already connected", True
                 else:
                     self.hosts_connected.add(host)
         if reason:
-            conn.send(MsgType.REJECT, {"reason": reason})
+            conn.send(MsgType.REJECT, {"reason": reason, "retry": retry})
             conn.close()
             raise ProtocolError(reason)
         # The broadcast key travels sealed under this connection's key, as every session frame.

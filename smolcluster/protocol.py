@@ -112,6 +112,10 @@ class WrongVersion(Refused):
         self.version = version
 
 
+class Busy(ProtocolError):
+    """The server still holds this host's previous connection: dial again (not a Refused)."""
+
+
 class WrongSecret(Refused):
     """The handshake proved that the two sides hold different cluster secrets."""
 
@@ -631,7 +635,8 @@ def client_handshake(
     conn.rekey(*_session_keys(secret, conn.transcript.digest()))
     reply = conn.expect(MsgType.WELCOME, MsgType.REJECT)
     if reply.type == MsgType.REJECT:
-        raise Refused(f"server refused us: {reply.meta.get('reason', '?')}")
+        refusal = Busy if reply.meta.get("retry") is True else Refused
+        raise refusal(f"server refused us: {reply.meta.get('reason', '?')}")
     if "broadcast_key" in reply.meta:
         conn.accept_broadcasts(_key(reply.meta.pop("broadcast_key"), "broadcast_key"))
     _session(conn)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import signal
+import socket
+import time
 from pathlib import Path
 
 import pytest
 
 from smolcluster.harness import LocalCluster
+from smolcluster.protocol import client_handshake
 
 pytestmark = pytest.mark.slow
 
@@ -15,6 +18,31 @@ pytestmark = pytest.mark.slow
 def baseline_accuracy(cluster: LocalCluster) -> float:
     assert cluster.spawn("local", "local").wait(timeout=600) == 0, cluster.log("local")
     return cluster.summary("local")["final_accuracy"]
+
+
+def test_a_worker_the_server_still_thinks_connected_dials_until_it_is_let_in(
+    tmp_path: Path, offline_digits_root: Path
+) -> None:
+    # A worker whose connection died on its side redials before the server has noticed; the
+    # server's REJECT must be one the worker retries, not one that ends it.
+    cluster = LocalCluster(
+        tmp_path, offline_digits_root, workers=1, cluster={"join_timeout_s": 60.0}
+    )
+    host = cluster.workers[0]
+    cluster.spawn("mini1", "server")
+    cluster.wait_for_server_port()
+    ghost = socket.create_connection(("127.0.0.1", cluster.port))  # its old connection
+    hello = {"host": host, "rank": 1, "role": "worker", "mode": "sync"}
+    conn, _ = client_handshake(ghost, cluster.secret, hello, 1 << 26, "ghost")
+    cluster.spawn(host, "worker", "--host", host)
+    deadline = time.monotonic() + 120
+    while "already connected" not in cluster.log(host):
+        assert cluster.procs[host].poll() is None, cluster.logs()
+        assert time.monotonic() < deadline, cluster.logs()
+        time.sleep(0.1)
+    conn.close()  # now the server learns the old connection is gone
+    assert cluster.wait(timeout=300) == {"mini1": 0, host: 0}, cluster.logs()
+    assert cluster.summary()["workers"][host]["steps"] == cluster.summary()["steps"]
 
 
 def test_sync_run_survives_a_killed_worker(tmp_path: Path, offline_digits_root: Path) -> None:
