@@ -35,9 +35,9 @@ def shard_index(settings: Settings, rank: int) -> int:
     return rank if settings.cluster.server_trains else rank - 1
 
 
-def make_plan(settings: Settings, train_size: int) -> Plan:
+def make_plan(settings: Settings, train_samples: int) -> Plan:
     parts = shard_count(settings)
-    smallest = train_size // parts
+    smallest = train_samples // parts
     steps_per_epoch = smallest // settings.nn.batch_size
     if steps_per_epoch < 1:
         raise ValueError(
