@@ -7,10 +7,11 @@ A record is a plain dict typed as a TypedDict, so `record["step"]` reads as befo
 checker narrows on `record["event"]`.
 
 One kind, several writers: the fields a writer adds are grouped below by who writes them.
-Elastic mode's merge (server) and push (worker) are `step` records too; sync membership is the
-server step's `batch_sizes` (who answered), elastic's its `workers` (how many are active).
-Bump SCHEMA_VERSION when a field is renamed or removed or changes type; the start record
-carries it.
+Elastic mode's merge (server) and push (worker) are `step` records too. The server writes a
+`member` record whenever a worker joins, starts training or leaves (with the reason); each sync
+step's `batch_sizes` says who answered, elastic's `workers` how many are active.
+Bump SCHEMA_VERSION when the schema changes; the start record carries it. A reader reads every
+version in READABLE: a newer schema that only added kinds or fields still reads older files.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from typing import Any, Literal, cast, overload
 from pydantic import ConfigDict, TypeAdapter, ValidationError, with_config
 from typing_extensions import NotRequired, TypedDict  # pydantic needs these below 3.12
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the member kind
+READABLE = (1, 2)
 STRICT_ENV = "SMOLCLUSTER_STRICT_METRICS"  # "1": a bad record raises in the writer too
 
 # strict: no coercion ("3" is not 3, true is not 1); extra="forbid": a misspelt field is an error.
@@ -137,11 +139,26 @@ class SummaryRecord(TypedDict):
     cluster_samples_per_s: NotRequired[float]
 
 
-Record = StartRecord | StepRecord | EvalRecord | SummaryRecord
+@with_config(_RULES)
+class MemberRecord(TypedDict):
+    """Socket server: a worker joined (waits for the next step), started, or left."""
+
+    event: Literal["member"]
+    time: float
+    wall: float
+    host: str
+    change: Literal["joined", "started", "left"]
+    step: int  # the run's step (elastic: merges) when it happened
+    workers: int  # training after the change
+    reason: NotRequired[str]  # left: why (its connection ended, a deadline, a bad frame)
+
+
+Record = StartRecord | StepRecord | EvalRecord | MemberRecord | SummaryRecord
 KINDS: dict[str, type[Any]] = {
     "start": StartRecord,
     "step": StepRecord,
     "eval": EvalRecord,
+    "member": MemberRecord,
     "summary": SummaryRecord,
 }
 _ADAPTERS = {kind: TypeAdapter(cls) for kind, cls in KINDS.items()}
@@ -172,14 +189,15 @@ def validate(record: Any) -> Record:
     adapter = _ADAPTERS.get(kind) if isinstance(kind, str) else None
     if adapter is None:
         raise RecordError(f"event {kind!r}: not one of {', '.join(KINDS)}")
-    if kind == "start" and record.get("schema") != SCHEMA_VERSION:
+    if kind == "start" and record.get("schema") not in READABLE:
         found = record.get("schema")
         written = (
             "no schema version (an older smolcluster wrote it)"
             if found is None
             else (f"schema {found!r}")
         )
-        raise RecordError(f"start record: {written}; this reader knows schema {SCHEMA_VERSION}")
+        known = " and ".join(map(str, READABLE))
+        raise RecordError(f"start record: {written}; this reader knows schema {known}")
     try:
         adapter.validate_python(record)
     except ValidationError as exc:
@@ -241,6 +259,8 @@ def of_kind(records: Iterable[Record], kind: Literal["start"]) -> list[StartReco
 def of_kind(records: Iterable[Record], kind: Literal["step"]) -> list[StepRecord]: ...
 @overload
 def of_kind(records: Iterable[Record], kind: Literal["eval"]) -> list[EvalRecord]: ...
+@overload
+def of_kind(records: Iterable[Record], kind: Literal["member"]) -> list[MemberRecord]: ...
 @overload
 def of_kind(records: Iterable[Record], kind: Literal["summary"]) -> list[SummaryRecord]: ...
 @overload

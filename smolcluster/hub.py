@@ -15,6 +15,7 @@ import queue
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,6 +98,8 @@ class Hub:
         self.listener: Listener | None = None
         self.payload_limits: dict[MsgType, int] = {}  # what a worker's frames may carry
         self.broadcast = Broadcast()  # seals a step's average once for every worker
+        # Told of every joined/started/left (the server writes them as member records).
+        self.on_change: Callable[[str, Peer, str | None], None] = lambda *_: None
 
     # -- connections ---------------------------------------------------------------------------
     def listen(self) -> None:
@@ -177,6 +180,7 @@ class Hub:
             if peer in group:
                 group.remove(peer)
                 (log.error if error else log.warning)("dropped %s: %s", peer.name, reason)
+                self.on_change("left", peer, reason)
         if error:
             with contextlib.suppress(PeerClosed):
                 peer.conn.send(MsgType.ERROR, {"reason": reason})
@@ -205,6 +209,7 @@ class Hub:
         self.pending.remove(peer)
         self.active.append(peer)
         self.history.append(peer)
+        self.on_change("started", peer, None)
         return True
 
     # -- membership ----------------------------------------------------------------------------
@@ -227,6 +232,7 @@ class Hub:
         if isinstance(event, Joined):
             log.info("%s joined", event.peer.name)
             self.pending.append(event.peer)
+            self.on_change("joined", event.peer, None)
         elif isinstance(event, Gone) and (event.peer in self.active or event.peer in self.pending):
             self.drop(event.peer, event.reason)
 

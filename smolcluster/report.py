@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from smolcluster.events import MetricsFileError, StepRecord, read_records
+from smolcluster.events import MemberRecord, MetricsFileError, StepRecord, read_records
 
 
 @dataclass
@@ -33,6 +33,7 @@ class HostRun:
     wait_s: float = 0.0
     # Server: who answered each step (sync) or how many were active (elastic).
     members: list[tuple[int, frozenset[str] | int]] = field(default_factory=list)
+    changes: list[Change] = field(default_factory=list)  # server: from its member records
     metrics: bool = True  # False: the host's directory holds no <host>.jsonl (died early)
     samples: int = 0  # summed over step events, for a job that ended without a summary
     last_step: dict[str, Any] = field(default_factory=dict)
@@ -44,6 +45,7 @@ class Change:
     step: int
     kind: str  # "join", "drop" or "rejoin"
     who: str
+    why: str = ""  # a drop's reason, from the server's member record
 
 
 def load_run(run_dir: Path) -> list[HostRun]:
@@ -73,6 +75,8 @@ def _load_host(path: Path) -> HostRun:
             _step(run, event)
         elif event["event"] == "eval":
             run.accuracy.append((event["step"], event["val_accuracy"]))
+        elif event["event"] == "member":
+            _member(run, event)
         else:
             run.summary = dict(event)
     return run
@@ -98,8 +102,22 @@ def _step(run: HostRun, event: StepRecord) -> None:
             run.send_s += max(0.0, total - wait - compute)
 
 
+def _member(run: HostRun, event: MemberRecord) -> None:
+    host, step = event["host"], event["step"]
+    if event["change"] == "left":
+        run.changes.append(Change(step, "drop", host, event.get("reason", "")))
+    elif event["change"] == "started":
+        again = any(c.who == host for c in run.changes)
+        # Everyone starting at step 0 (or at the resumed step) is the run's start, not a join.
+        if again or step > (run.start.get("resumed_at") or 0):
+            run.changes.append(Change(step, "rejoin" if again else "join", host))
+
+
 def membership_changes(server: HostRun) -> list[Change]:
-    """Joins, drops and rejoins from the server's per-step membership."""
+    """Joins, drops and rejoins: the server's member records, or where it wrote none (older
+    runs) what its per-step membership implies."""
+    if server.changes:
+        return server.changes
     changes: list[Change] = []
     seen: set[str] = set()
     previous: frozenset[str] | int | None = None
@@ -142,7 +160,8 @@ def summary_lines(runs: list[HostRun]) -> list[str]:
     server = _server(runs)
     if server is not None:
         for change in membership_changes(server):
-            lines.append(f"membership: step {change.step} {change.kind} {change.who}")
+            why = f" ({change.why})" if change.why else ""
+            lines.append(f"membership: step {change.step} {change.kind} {change.who}{why}")
     return lines
 
 

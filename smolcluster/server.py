@@ -73,6 +73,14 @@ class Server:
         else:
             loop = SyncLoop(hub, settings, plan, replica, self.progress, wire, balancer, own)
         self._announce(plan, metrics, resume)
+        hub.on_change = lambda change, peer, reason: metrics.write(
+            "member",
+            host=peer.host,
+            change=change,
+            step=self.progress.step,
+            workers=len(hub.active),
+            **({"reason": reason} if reason else {}),
+        )
         # Every part of the run waits through hub.next_event, which honours these at once.
         hub.payload_limits = {MsgType.GRADS: replica.nbytes, MsgType.PUSH: replica.nbytes}
         for signum in (signal.SIGTERM, signal.SIGINT):

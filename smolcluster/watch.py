@@ -52,7 +52,7 @@ class Progress:
     samples_total: int = 0
 
     def update(self, event: Record) -> str | None:
-        """Fold one event in; return a display line for step/eval/summary events."""
+        """Fold one event in; return a display line for step/eval/member/summary events."""
         self.events += 1
         if event["event"] == "start":
             self.total_steps = event["total_steps"]
@@ -66,6 +66,15 @@ class Progress:
         elif event["event"] == "eval":
             self.accuracy = event["val_accuracy"]
             self.accuracy_step = event["step"]
+        elif event["event"] == "member":
+            # Who left, and who started after the run began; the start's roll call is noise.
+            if event["change"] == "joined" or (event["change"] == "started" and not event["step"]):
+                return None
+            why = f" ({event['reason']})" if "reason" in event else ""
+            return (
+                f"{event['host']} {event['change']} at step {event['step']}{why}; "
+                f"{event['workers']} training"
+            )
         else:
             self.summary = event
             self.accuracy = event.get("final_accuracy", self.accuracy)

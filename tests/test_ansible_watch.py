@@ -180,6 +180,31 @@ def test_report_marks_drops_and_rejoins(tmp_path: Path) -> None:
     assert (tmp_path / "report.png").stat().st_size > 10_000
 
 
+def test_member_records_name_who_joined_and_left_and_why(tmp_path: Path) -> None:
+    start = {"mode": "elastic", "backend": "socket", "workers": 3, "total_steps": 9,
+             "dataset": "offline digits"}  # fmt: skip
+    server = Metrics(tmp_path / "s", "s", "server", "s", "disabled", {})
+    server.write("start", role="server", host="s", **start)
+    changes = [("a", "started", 0, 1, None), ("b", "started", 0, 2, None),
+               ("c", "joined", 4, 2, None), ("c", "started", 4, 3, None),
+               ("b", "left", 6, 2, "silent for 30 s"), ("b", "started", 8, 3, None)]  # fmt: skip
+    progress, lines = Progress(), []
+    for host, change, step, workers, reason in changes:
+        record = {"host": host, "change": change, "step": step, "workers": workers}
+        server.write("member", **record, **({"reason": reason} if reason else {}))
+        lines.append(progress.update({"event": "member", **record, **(
+            {"reason": reason} if reason else {})}))  # fmt: skip
+    server.close()
+    assert lines == [None, None, None, "c started at step 4; 3 training",
+                     "b left at step 6 (silent for 30 s); 2 training",
+                     "b started at step 8; 3 training"]  # fmt: skip
+    assert [line for line in summary_lines(load_run(tmp_path)) if "membership" in line] == [
+        "membership: step 4 join c",
+        "membership: step 6 drop b (silent for 30 s)",
+        "membership: step 8 rejoin b",
+    ]
+
+
 def test_a_malformed_record_is_named_by_the_watcher_and_the_report(tmp_path: Path) -> None:
     (tmp_path / "mini1").mkdir()
     metrics = tmp_path / "mini1" / "mini1.jsonl"

@@ -57,6 +57,9 @@ WRITES: list[tuple[str, dict[str, Any]]] = [
                  "samples_per_s": 90.5, "bytes_sent": 1, "bytes_recv": 2}),
     ("summary", {"role": "local", "host": "mini1", "steps": 8, "final_accuracy": float("nan"),
                  "final_val_loss": float("nan"), "dataset": "d"}),
+    ("member", {"host": "pi4", "change": "left", "step": 7, "workers": 2,
+                "reason": "send failed: timed out"}),
+    ("member", {"host": "pi4", "change": "started", "step": 9, "workers": 3}),
     ("summary", {"role": "server", "host": "mini1", "backend": "gloo", "steps": 8,
                  "samples": 256, "samples_per_s": 1.0, "bytes_sent": 1, "bytes_recv": 2,
                  "bytes_source": "psutil", "param_sha256": "ab", "replicas_identical": True,
@@ -91,7 +94,7 @@ def test_every_kind_round_trips_through_the_writer_and_reader(tmp_path: Path) ->
 @pytest.mark.parametrize(
     ("record", "problem"),
     [
-        (_record("stepp", step=1), "event 'stepp': not one of start, step, eval, summary"),
+        (_record("stepp", step=1), "event 'stepp': not one of start, step, eval, member, summary"),
         ([1, 2], "a record is a JSON object, not list"),
         (_record("step", loss=1.0), "step record: step: Field required"),
         (_record("step", step="3", loss=1.0), "step: Input should be a valid integer (got '3')"),
@@ -106,8 +109,10 @@ def test_every_kind_round_trips_through_the_writer_and_reader(tmp_path: Path) ->
         (
             _record("start", role="server"),
             "start record: no schema version (an older smolcluster wrote it); this reader knows"
-            " schema 1",
+            " schema 1 and 2",
         ),
+        (_record("start", role="server", schema=3), "start record: schema 3; this reader knows"),
+        (_record("member", host="a", change="quit", step=1, workers=0), "change: Input should be"),
     ],
 )
 def test_validate_rejects_naming_the_field(record: Any, problem: str) -> None:
@@ -181,3 +186,9 @@ def test_a_resumed_writer_drops_the_torn_line_it_finds(tmp_path: Path) -> None:
     metrics.write("step", step=2, loss=0.5)
     metrics.close()
     assert [r["step"] for r in read_records(path)] == [1, 2]
+
+
+def test_a_schema_1_run_still_reads() -> None:
+    # Schema 2 only added the member kind: yesterday's runs read as they did.
+    start = _record("start", schema=1, **WRITES[0][1])
+    assert validate(start)["schema"] == 1

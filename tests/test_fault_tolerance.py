@@ -62,6 +62,8 @@ def test_sync_run_survives_a_killed_worker(tmp_path: Path, offline_digits_root: 
     summary = cluster.summary()
     assert summary["steps"] == total
     assert "dropped mini3(rank 2)" in cluster.log("mini1")
+    left = [m for m in cluster.events("mini1", "member") if m["change"] == "left"]
+    assert [m["host"] for m in left] == ["mini3"] and left[0]["workers"] == 2, left
     # After the drop two workers answer, and mini2 (first survivor) also computes mini3's
     # batch, so every step keeps the planned 3 x 32 samples from the planned shards.
     last = cluster.events("mini1", "step")[-1]
@@ -140,6 +142,8 @@ def test_elastic_run_survives_a_killed_worker_and_counts_a_joiner(
     summary = cluster.summary()
     merges = cluster.events("mini1", "step")
     assert any(m["host"] == "pi4" for m in merges), "the joiner's updates were not merged"
+    members = [(m["host"], m["change"]) for m in cluster.events("mini1", "member")]
+    assert ("pi4", "started") in members and ("mini3", "left") in members, members
     first = next(m for m in merges if m["host"] == "pi4")
     assert first["step"] > 1 and first["staleness"] <= 3  # joined mid-run with fresh weights
     assert summary["workers"]["pi4"]["samples"] > 0
