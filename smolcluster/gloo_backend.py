@@ -271,7 +271,8 @@ def _train_loop(run: GlooRun, role: str, data: Any, metrics: Metrics) -> int:
     ddp = DistributedDataParallel(model, gradient_as_bucket_view=True)
     timer = _CommTimer()
     ddp.register_comm_hook(None, timer.hook)
-    optimizer = torch.optim.Adam(ddp.parameters(), lr=run.lr)
+    # fused, as smolcluster.replica's: the yardstick steps with the same Adam kernel.
+    optimizer = torch.optim.Adam(ddp.parameters(), lr=run.lr, fused=True)
     loss_fn = nn.CrossEntropyLoss()
 
     # Every rank must take the same number of steps or DDP deadlocks: agree on the shortest shard.
