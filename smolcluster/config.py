@@ -156,6 +156,9 @@ class NNConfig(_Strict):
     num_epochs: int = Field(ge=1)
     eval_steps: int = Field(default=200, ge=1)
     track_gradients: bool = False
+    # Adam in one fused kernel (torch >= 2.4). It rounds differently from the per-operation
+    # kernel, so every host of a run must agree: false for a cluster with an older torch.
+    fused_adam: bool = True
     max_steps: int | None = Field(default=None, ge=1)
     model: ModelConfig = ModelConfig()
     dataset: DatasetConfig = DatasetConfig()

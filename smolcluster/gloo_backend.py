@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from smolcluster.metrics import Metrics, run_name, setup_logging, wandb_mode
 from smolcluster.model import build_model
-from smolcluster.replica import scheduled_lr
+from smolcluster.replica import adam, scheduled_lr
 
 log = logging.getLogger("smolcluster.gloo")
 
@@ -58,6 +58,7 @@ class GlooRun:
     track_gradients: bool = False
     wandb_mode: str = "disabled"
     lr_schedule: str = "constant"
+    fused_adam: bool = True
 
     @property
     def host(self) -> str:
@@ -92,6 +93,7 @@ def run_from_settings(settings: Any, role: str, rank: int, host: str) -> int:
         track_gradients=nncfg.track_gradients,
         wandb_mode=cluster.wandb_mode,
         lr_schedule=nncfg.lr_schedule,
+        fused_adam=nncfg.fused_adam,
     )
     return run_gloo(run)
 
@@ -271,7 +273,8 @@ def _train_loop(run: GlooRun, role: str, data: Any, metrics: Metrics) -> int:
     ddp = DistributedDataParallel(model, gradient_as_bucket_view=True)
     timer = _CommTimer()
     ddp.register_comm_hook(None, timer.hook)
-    optimizer = torch.optim.Adam(ddp.parameters(), lr=run.lr)
+    # The same Adam kernel as smolcluster.replica's (nn.fused_adam).
+    optimizer = adam(list(ddp.parameters()), run.lr, run.fused_adam)
     loss_fn = nn.CrossEntropyLoss()
 
     # Every rank must take the same number of steps or DDP deadlocks: agree on the shortest shard.

@@ -28,7 +28,9 @@ def train_local(settings: Settings, host: str = "local") -> tuple[Replica, float
         shard_loader(settings, rank)
         for rank in range(first_rank, first_rank + shard_count(settings))
     ]
-    replica = Replica.build(nn_cfg.model, nn_cfg.learning_rate, cfg.seed, nn_cfg.lr_schedule)
+    replica = Replica.build(
+        nn_cfg.model, nn_cfg.learning_rate, cfg.seed, nn_cfg.lr_schedule, nn_cfg.fused_adam
+    )
     metrics = Metrics(
         settings.metrics_dir,
         host,

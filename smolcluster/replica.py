@@ -45,8 +45,24 @@ def weighted_mean_into(out: torch.Tensor, parts: list[tuple[int, torch.Tensor]])
     return total
 
 
+def adam(params: list[nn.Parameter], lr: float, fused: bool) -> torch.optim.Adam:
+    """Adam on CPU, fused (one kernel) or per operation; a torch without a fused CPU Adam
+    (before 2.4, as on Intel Macs) is refused with the setting to change."""
+    if not fused:
+        return torch.optim.Adam(params, lr=lr, foreach=False)
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except RuntimeError:
+        raise ValueError(
+            f"nn.fused_adam: torch {torch.__version__} on this host has no fused Adam for the "
+            "CPU (torch >= 2.4); set fused_adam: false in the nn config of every host"
+        ) from None
+
+
 class Replica:
-    def __init__(self, model: nn.Module, lr: float, schedule: str = "constant") -> None:
+    def __init__(
+        self, model: nn.Module, lr: float, schedule: str = "constant", fused: bool = True
+    ) -> None:
         self.model = model
         self.base_lr, self.schedule = lr, schedule
         params = [p for p in model.parameters() if p.requires_grad]
@@ -64,20 +80,25 @@ class Replica:
             self.slices.append((offset, offset + n))
             offset += n
         # The optimizer steps one flat tensor that shares storage with every module parameter.
+        # fused: one pass over the buffers instead of one per Adam operation (0.66 ms against
+        # 1.86 ms per step on 339,210 parameters, one thread). The two kernels round
+        # differently, so every replica and the baseline must use the same (nn.fused_adam).
         self.flat = nn.Parameter(self.params, requires_grad=True)
         self.flat.grad = self.grads
-        self.optimizer = torch.optim.Adam([self.flat], lr=lr)
+        self.optimizer = adam([self.flat], lr, fused)
         state = self.optimizer.state[self.flat]
         state["step"] = torch.tensor(0.0)
         state["exp_avg"] = torch.zeros_like(self.params)
         state["exp_avg_sq"] = torch.zeros_like(self.params)
 
     @classmethod
-    def build(cls, model_cfg, lr: float, seed: int, schedule: str = "constant") -> Replica:
+    def build(
+        cls, model_cfg, lr: float, seed: int, schedule: str = "constant", fused: bool = True
+    ) -> Replica:
         model = build_model(
             model_cfg.type, model_cfg.input_dim, model_cfg.hidden, model_cfg.out, seed
         )
-        return cls(model, lr, schedule)
+        return cls(model, lr, schedule, fused)
 
     @property
     def nbytes(self) -> int:

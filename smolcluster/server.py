@@ -44,7 +44,9 @@ class Server:
         x_test, y_test = load_test(settings)
         plan = make_plan(settings, train_size(settings))
         own = shard_loader(settings, 0) if cfg.server_trains else None
-        replica = Replica.build(nn_cfg.model, nn_cfg.learning_rate, cfg.seed, nn_cfg.lr_schedule)
+        replica = Replica.build(
+            nn_cfg.model, nn_cfg.learning_rate, cfg.seed, nn_cfg.lr_schedule, nn_cfg.fused_adam
+        )
         balancer = Balancer(nn_cfg.batch_size) if cfg.balance == "auto" else None
         checkpoints = Checkpointer(
             self.checkpoint_path,

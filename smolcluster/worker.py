@@ -91,7 +91,11 @@ class Worker:
         plan = make_plan(settings, train_size(settings))
         loader = self._loader(self.rank)
         replica = Replica.build(
-            nn_cfg.model, nn_cfg.learning_rate, self.cfg.seed, nn_cfg.lr_schedule
+            nn_cfg.model,
+            nn_cfg.learning_rate,
+            self.cfg.seed,
+            nn_cfg.lr_schedule,
+            nn_cfg.fused_adam,
         )
         self.codec = codec.for_config(self.cfg.use_quantization)
         self.sync = SyncWorker(

@@ -38,3 +38,32 @@ def test_the_optimizer_step_follows_the_schedule() -> None:
     assert _stepped("cosine", 0.5) == pytest.approx(0.005, rel=0.01)
     assert _stepped("cosine", 1.0) == 0.0
     assert _stepped("constant", 1.0) == pytest.approx(0.01, rel=0.01)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_replica_step_is_adam(fused: bool) -> None:
+    """The replica's Adam follows torch's reference Adam (per-operation kernels) over steps
+    whose learning rate moves (exactly when not fused), and loading its state buffer
+    continues it bit for bit."""
+    replica = Replica.build(ModelConfig(), 0.01, seed=1, schedule="cosine", fused=fused)
+    reference = torch.nn.Parameter(replica.params.clone())
+    adam = torch.optim.Adam([reference], lr=0.01, foreach=False, fused=False)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(5):
+        x, y = torch.rand(16, 784, generator=gen), torch.randint(0, 10, (16,), generator=gen)
+        replica.compute_gradients(x, y)
+        reference.grad = replica.grads.clone()
+        adam.param_groups[0]["lr"] = scheduled_lr(0.01, "cosine", step / 10)
+        replica.step(step / 10)
+        adam.step()
+        if fused:
+            assert torch.allclose(replica.params, reference.detach(), rtol=0, atol=1e-6)
+        else:
+            assert torch.equal(replica.params, reference.detach())
+    assert bool(replica.optimizer.defaults["fused"]) == fused
+    twin = Replica.build(ModelConfig(), 0.01, seed=2, schedule="cosine", fused=fused)
+    twin.load_state_buffer(replica.state_buffer(), replica.optimizer_step)
+    for r in (replica, twin):
+        r.grads.copy_(reference.grad)
+        r.step(0.5)
+    assert torch.equal(replica.params, twin.params)
