@@ -1,12 +1,12 @@
 """A fake Mac for the Darwin task files: macOS's admin tools as small scripts on PATH.
 
 Each tool answers as its macOS man page (networksetup(8), launchctl(1), sysctl(8),
-caffeinate(8), socketfilterfw, xcode-select(1), sw_vers(1), pmset(1), dseditgroup(8), route(8))
-describes, including the errors for unknown services and unloaded jobs. They keep their state in
-one JSON file in a directory of the test's, record every call there, and never touch this
-machine's network or launchd. Writers (networksetup -set*, sysctl -w, launchctl bootstrap,
-bootout, kickstart) refuse to run unless they come through the fake `sudo`, as on a Mac where
-the login user is not root, so a task that forgets `become` fails here too.
+caffeinate(8), socketfilterfw, xcode-select(1), sw_vers(1), pmset(1), dseditgroup(8), route(8),
+netstat(1)) describes, including the errors for unknown services and unloaded jobs. They keep
+their state in one JSON file in a directory of the test's, record every call there, and never
+touch this machine's network or launchd. Writers (networksetup -set*, sysctl -w, launchctl
+bootstrap, bootout, kickstart) refuse to run unless they come through the fake `sudo`, as on a
+Mac where the login user is not root, so a task that forgets `become` fails here too.
 
     install(bin_dir, state_dir, state) -> writes the wrappers; run a playbook with bin_dir first
     on PATH; read_state(state_dir) / calls(state_dir) to check what happened.
@@ -14,17 +14,21 @@ the login user is not root, so a task that forgets `become` fails here too.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import ipaddress
 import json
 import os
 import plistlib
+import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 TOOLS = (
     "networksetup", "launchctl", "sysctl", "caffeinate", "socketfilterfw", "xcode-select",
-    "sw_vers", "pmset", "dseditgroup", "route", "sudo",
+    "sw_vers", "pmset", "dseditgroup", "route", "netstat", "sudo",
 )  # fmt: skip
 
 ROUTES_NONE = "There are no additional IPv4 routes on this service."
@@ -56,6 +60,8 @@ def mac_mini(**overrides: Any) -> dict[str, Any]:
         "admins": [],
         "version": "15.5",
         "sleep_min": 1,
+        # The Wi-Fi's DHCP lease: its subnet and the default route (route(8), netstat(1)).
+        "wifi": {"network": "192.0.2.0/24", "gateway": "192.0.2.1", "device": "en1"},
     }
     for svc in state["services"]:
         svc.setdefault("enabled", True)
@@ -208,6 +214,25 @@ def _service_target(argv: list[str]) -> str:
     return argv[0].split("/", 1)[1]
 
 
+def _launch(plist: dict[str, Any]) -> int:
+    """Start a job as launchd would at load: ProgramArguments in WorkingDirectory, with only the
+    plist's EnvironmentVariables, stdout/stderr into StandardOutPath/StandardErrorPath (appended,
+    created), detached. UserName is not honoured (the fake is not root on a Mac). Only when the
+    state says run_programs: a real daemon's ProgramArguments (the forwarding daemon's
+    /usr/sbin/sysctl) would otherwise run on this machine."""
+    args = plist.get("ProgramArguments") or [plist["Program"]]
+
+    def sink(key: str) -> Any:
+        return open(plist[key], "ab") if plist.get(key) else subprocess.DEVNULL
+
+    out, err = sink("StandardOutPath"), sink("StandardErrorPath")
+    proc = subprocess.Popen(
+        args, cwd=plist.get("WorkingDirectory") or "/", env=plist.get("EnvironmentVariables", {}),
+        stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,
+    )  # fmt: skip
+    return proc.pid
+
+
 def launchctl(state: dict[str, Any], argv: list[str]) -> str:
     jobs = state["launchd"]
     cmd, args = (argv[0], argv[1:]) if argv else ("", [])
@@ -240,12 +265,17 @@ def launchctl(state: dict[str, Any], argv: list[str]) -> str:
             raise Exit(5, err="Bootstrap failed: 5: Input/output error\n")
         jobs[label] = {"path": str(path), "runs": 1 if plist.get("RunAtLoad") else 0,
                        "plist": plist}  # fmt: skip
+        if plist.get("RunAtLoad") and state.get("run_programs"):
+            jobs[label]["pid"] = _launch(plist)
         return ""
     if cmd == "bootout":
         _need_root("launchctl bootout")
         label = _service_target(args)
         if label not in jobs:
             raise Exit(3, err="Boot-out failed: 3: No such process\n")
+        if jobs[label].get("pid"):  # launchd stops a running job it boots out (SIGTERM)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(jobs[label]["pid"], signal.SIGTERM)
         del jobs[label]
         return ""
     if cmd == "kickstart":
@@ -303,19 +333,97 @@ def dseditgroup(state: dict[str, Any], argv: list[str]) -> str:
     raise Exit(64, err="dseditgroup: only -o checkmember -m <user> <group> in this fake\n")
 
 
+def _routes(state: dict[str, Any]) -> list[dict[str, Any]]:
+    """The IPv4 routing table the fake's state implies, most specific first: each enabled
+    service's subnet on its device (the address networksetup gave it), each additional route
+    (networksetup -setadditionalroutes) via its gateway out of that service's device, the
+    Wi-Fi's subnet and the default route."""
+    devices = {p["port"]: p["device"] for p in state["hardware_ports"]}
+    wifi = state.get("wifi")
+    table: list[dict[str, Any]] = []
+    for svc in state["services"]:
+        if not svc["enabled"] or not svc["ip"] or not svc["mask"]:
+            continue
+        device = devices[svc["port"]]
+        net = ipaddress.ip_network(f"{svc['ip']}/{svc['mask']}", strict=False)
+        table.append({"net": net, "gateway": None, "device": device, "static": False})
+        for dest, mask, gateway in svc["routes"]:
+            net = ipaddress.ip_network(f"{dest}/{mask}", strict=False)
+            table.append({"net": net, "gateway": gateway, "device": device, "static": True})
+    if wifi:
+        table.append({"net": ipaddress.ip_network(wifi["network"]), "gateway": None,
+                      "device": wifi["device"], "static": False})  # fmt: skip
+        table.append({"net": ipaddress.ip_network("0.0.0.0/0"), "gateway": wifi["gateway"],
+                      "device": wifi["device"], "static": True})  # fmt: skip
+    return sorted(table, key=lambda r: -r["net"].prefixlen)
+
+
+METRICS = " recvpipe  sendpipe  ssthresh  rtt,msec    rttvar  hopcount      mtu     expire\n"
+
+
 def route(state: dict[str, Any], argv: list[str]) -> str:
-    if argv == ["-n", "get", "default"]:
-        # The metrics row moves between calls (rtt), as on a live Mac; gateway and interface don't.
-        state["route_calls"] = state.get("route_calls", 0) + 1
-        return (
-            "   route to: default\ndestination: default\n       mask: default\n"
-            "    gateway: 192.0.2.1\n  interface: en1\n"
-            "      flags: <UP,GATEWAY,DONE,STATIC,PRCLONING,GLOBAL>\n"
-            " recvpipe  sendpipe  ssthresh  rtt,msec    rttvar  hopcount      mtu     expire\n"
-            f"       0         0         0  {state['route_calls']:8d}         0         0      1500"
-            "         0\n"
-        )
-    raise Exit(1, err="route: only -n get default in this fake\n")
+    """`route -n get <ip>|default` as route(8) prints it; a miss is route's own error."""
+    if argv[:2] != ["-n", "get"] or len(argv) != 3:
+        raise Exit(1, err="route: only -n get <ip>|default in this fake\n")
+    target = argv[2]
+    try:
+        address = ipaddress.ip_address("0.0.0.0" if target == "default" else target)
+    except ValueError:
+        raise Exit(1, err=f"route: bad address: {target}\n") from None
+    found = next((r for r in _routes(state) if address in r["net"]), None)
+    if found is None or (target == "default" and found["net"].prefixlen):
+        raise Exit(1, err="route: writing to routing socket: not in table\n")
+    net = found["net"]
+    default = net.prefixlen == 0
+    out = f"   route to: {target}\n"
+    out += f"destination: {'default' if default else net.network_address}\n"
+    out += f"       mask: {'default' if default else net.netmask}\n"
+    if found["gateway"]:
+        out += f"    gateway: {found['gateway']}\n"
+    out += f"  interface: {found['device']}\n"
+    if found["gateway"]:
+        out += "      flags: <UP,GATEWAY,DONE,STATIC,PRCLONING,GLOBAL>\n"
+    else:
+        out += "      flags: <UP,DONE,CLONING,PRCLONING,GLOBAL>\n"
+    # The metrics row moves between calls (rtt), as on a live Mac; the route itself doesn't.
+    state["route_calls"] = state.get("route_calls", 0) + 1
+    rtt = state["route_calls"]
+    return (
+        out
+        + METRICS
+        + f"       0         0         0  {rtt:8d}         0         0      1500         0\n"
+    )
+
+
+def netstat(state: dict[str, Any], argv: list[str]) -> str:
+    """`netstat -rn -f inet`: macOS shortens destinations ("10.10.0/24", "127")."""
+    if argv != ["-rn", "-f", "inet"]:
+        raise Exit(1, err="netstat: only -rn -f inet in this fake\n")
+
+    def short(net: ipaddress.IPv4Network) -> str:
+        if not net.prefixlen:
+            return "default"
+        octets = str(net.network_address).split(".")
+        while len(octets) > 1 and octets[-1] == "0" and len(octets) * 8 > net.prefixlen:
+            octets.pop()
+        shown = ".".join(octets)
+        return shown if len(octets) * 8 == net.prefixlen else f"{shown}/{net.prefixlen}"
+
+    out = "Routing tables\n\nInternet:\n"
+    out += f"{'Destination':<19}{'Gateway':<19}{'Flags':<15}{'Netif':<7}Expire\n"
+    rows = sorted(_routes(state), key=lambda r: r["net"].prefixlen)
+    rows.append({"net": ipaddress.ip_network("127.0.0.0/8"), "gateway": "127.0.0.1",
+                 "device": "lo0", "static": True})  # fmt: skip
+    for r in rows:
+        flags = "UGSc" if r["gateway"] and r["device"] != "lo0" else "UCS"
+        gateway = r["gateway"] or f"link#{4 + sorted(_devices(state)).index(r['device'])}"
+        out += f"{short(r['net']):<19}{gateway:<19}{flags:<15}{r['device']:<7}\n"
+    return out
+
+
+def _devices(state: dict[str, Any]) -> set[str]:
+    wifi = state.get("wifi")
+    return {p["device"] for p in state["hardware_ports"]} | ({wifi["device"]} if wifi else set())
 
 
 def caffeinate(state: dict[str, Any], argv: list[str]) -> str:
@@ -326,6 +434,7 @@ TOOL_FUNCS = {
     "networksetup": networksetup, "launchctl": launchctl, "sysctl": sysctl,
     "caffeinate": caffeinate, "socketfilterfw": socketfilterfw, "xcode-select": xcode_select,
     "sw_vers": sw_vers, "pmset": pmset, "dseditgroup": dseditgroup, "route": route,
+    "netstat": netstat,
 }  # fmt: skip
 
 

@@ -130,6 +130,22 @@ def test_home_lan_on_the_edge_subnet_is_named() -> None:
     assert "change it in the inventory" in errors[0]
 
 
+def test_a_link_named_by_hardware_port_is_a_cluster_device() -> None:
+    """After site.yml the dongle (named by hardware port) holds the edge subnet: not a collision."""
+    mac = [
+        {"link": "fabric", "address": "10.10.0.1", "prefix": 24,
+         "macos_service": "Thunderbolt Bridge"},
+        {"link": "edge50", "address": "192.168.50.1", "prefix": 24,
+         "macos_hardware_port": "USB 10/100/1000 LAN"},
+    ]  # fmt: skip
+    services = {"Thunderbolt Bridge": "bridge0", "USB 10/100/1000 LAN": "en5"}
+    ports = {"Thunderbolt Bridge": "bridge0", "USB 10/100/1000 LAN": "en5", "Wi-Fi": "en1"}
+    devices = checks.darwin_cluster_devices(mac, services, ports)
+    assert devices == ["bridge0", "en5"]
+    observed = [{"dst": "192.168.50.0/24", "dev": "en5", "table": "main"}]
+    assert checks.subnet_errors("mini1", mac, [], observed, devices) == []
+
+
 def test_vpn_route_and_cluster_routes_are_checked_but_own_devices_are_not() -> None:
     observed = checks.linux_routes(
         [

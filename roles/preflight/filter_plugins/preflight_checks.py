@@ -205,11 +205,19 @@ def device_errors(
 
 
 def darwin_cluster_devices(
-    interfaces: Iterable[Mapping[str, Any]], services: Mapping[str, str]
+    interfaces: Iterable[Mapping[str, Any]],
+    services: Mapping[str, str],
+    ports: Mapping[str, str] | None = None,
 ) -> list[str]:
-    """The devices behind the cluster links' services (their addresses/routes are ours)."""
-    return [services[i["macos_service"]] for i in interfaces
-            if i.get("macos_service") in services and services[i["macos_service"]]]  # fmt: skip
+    """The devices behind the cluster links, named by service or by hardware port (their
+    addresses and routes are ours: after site.yml they are no collision)."""
+    devices = []
+    for iface in interfaces:
+        if iface.get("macos_service"):
+            devices.append(services.get(iface["macos_service"], ""))
+        elif iface.get("macos_hardware_port"):
+            devices.append((ports or {}).get(iface["macos_hardware_port"], ""))
+    return [d for d in devices if d]
 
 
 class FilterModule:
