@@ -15,9 +15,10 @@ from typing import Any
 import pytest
 import yaml
 
+from smolcluster.harness import free_port
 from smolcluster.protocol import write_secret
 from tests import fake_macos
-from tests.ansible_helpers import REPO, free_port, show
+from tests.ansible_helpers import REPO, show
 from tests.test_fake_macos_run import (
     FAKE_FACTS,
     PRETEND,

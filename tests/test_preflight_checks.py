@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.ansible_helpers import REPO, free_port, load_plugin, playbook, recap, show
+from smolcluster.harness import free_port
+from tests.ansible_helpers import REPO, load_plugin, playbook, recap, show
 
 PLUGIN = REPO / "roles/preflight/filter_plugins/preflight_checks.py"
 checks = load_plugin(PLUGIN)
