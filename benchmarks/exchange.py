@@ -27,8 +27,7 @@ import torch
 import torch.distributed as dist
 
 from benchmarks.common import REPO, median, per_step_bytes, percentile
-from benchmarks.results import grad_bytes
-from benchmarks.runs import socket_cluster
+from benchmarks.runs import grad_bytes, socket_cluster
 from smolcluster import codec
 from smolcluster.checkpoint import Progress
 from smolcluster.config import load_settings

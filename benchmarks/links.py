@@ -1,24 +1,18 @@
-"""The benchmark modes across shaped links: throwaway network namespaces with link profiles.
+"""The benchmark modes across shaped links, in throwaway network namespaces (root only).
 
     sudo .venv/bin/python -m benchmarks.run --links all --workers 3 --steps 60
 
-Builds its OWN namespaces (prefix `sclbench-<pid>-`, never the lab's `scl-`): one bridge
-namespace (`...br`, a bridge br0: the switch) and one namespace per host (`...h0` the server,
-`...h1`.. the workers), each joined to the bridge by a veth (`eth0` in the host, `h<i>` on the
-bridge). Addresses are 10.10.0.<i+1>/24 as on the cluster's Thunderbolt fabric, and exist only
-inside these namespaces: the root namespace never gets an address or route of that subnet,
-and nothing is sent to it from the root namespace (the network rule). Processes run with
-`ip netns exec <ns> <python> -m smolcluster ...`.
-
-A profile shapes BOTH ends of every host's veth, so each direction of each host's link is
-limited: the host side (host -> switch) and the bridge side (switch -> host). With sch_netem,
-`netem delay (RTT/4) rate R` (a packet crosses two shapers each way, so RTT = 4 x delay);
-without it (this kernel), `tbf rate R burst B latency L`: rate only, NO added delay. Which one
-was used is printed with every table.
-
-Every namespace is deleted on the way out (try/finally, SIGINT/SIGTERM/SIGHUP turned into
-exceptions, atexit as a last resort), after killing every process in it (`ip netns pids`).
-Namespaces left by a killed earlier run (owner pid gone) are removed on the next start.
+Its OWN namespaces (prefix `sclbench-<pid>-`, never the lab's `scl-`): `...br` holds a bridge
+br0 (the switch), `...h0` the server, `...h1`.. the workers, each host joined to the bridge by a
+veth (`eth0` in the host, `h<i>` on the bridge) with 10.10.0.<i+1>/24 as on the cluster's
+Thunderbolt fabric. Both ends of a veth are created inside their namespaces: the root
+namespace never gets an address or route of that subnet, nor sends to it (the network rule).
+A profile shapes both ends of every veth (each direction of each link): with sch_netem
+`netem delay (RTT/4) rate R` (two shapers each way, so RTT = 4 x delay); without it (this
+kernel) `tbf rate R burst B latency L`, rate only, NO added delay; the tables say which.
+Teardown kills every process in each namespace (`ip netns pids`) and deletes it, on the way
+out (try/finally, SIGINT/SIGTERM/SIGHUP turned into exceptions, atexit as a last resort);
+namespaces of a killed earlier run (owner pid gone) are removed on the next start.
 """
 
 from __future__ import annotations
@@ -32,12 +26,12 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from benchmarks.results import RunResult
+from benchmarks.runs import RunResult
 from smolcluster.harness import SERVER, worker_names
 
 PREFIX = "sclbench-"
@@ -223,22 +217,22 @@ class Fabric:
         if our_namespaces(self.tag):
             raise RuntimeError(f"namespaces {our_namespaces(self.tag)} exist already")
         self._up = True
-        _run("ip", "netns", "add", self.bridge)
-        _run("ip", "-n", self.bridge, "link", "set", "lo", "up")
-        _run("ip", "-n", self.bridge, "link", "add", "br0", "type", "bridge")
-        _run("ip", "-n", self.bridge, "link", "set", "br0", "up")
+        br = self.bridge
+        _run("ip", "netns", "add", br)
+        _run("ip", "-n", br, "link", "set", "lo", "up")
+        _run("ip", "-n", br, "link", "add", "br0", "type", "bridge")
+        _run("ip", "-n", br, "link", "set", "br0", "up")
         for i in range(self.hosts):
             ns, port = self.ns(i), f"h{i}"
             _run("ip", "netns", "add", ns)
             _run("ip", "-n", ns, "link", "set", "lo", "up")
             # Both ends are created directly inside their namespaces: never in the root one.
             _run("ip", "link", "add", IFNAME, "netns", ns, "type", "veth",
-                 "peer", "name", port, "netns", self.bridge)  # fmt: skip
-            _run("ip", "-n", self.bridge, "link", "set", port, "master", "br0")
-            _run("ip", "-n", self.bridge, "link", "set", port, "up")
+                 "peer", "name", port, "netns", br)  # fmt: skip
+            _run("ip", "-n", br, "link", "set", port, "master", "br0", "up")
             _run("ip", "-n", ns, "addr", "add", f"{self.addr(i)}/24", "dev", IFNAME)
             _run("ip", "-n", ns, "link", "set", IFNAME, "up")
-        self.netem = netem_available(self.bridge)
+        self.netem = netem_available(br)
         reason = root_uses_subnet()
         if reason:  # cannot happen through us; refuse anyway
             raise RuntimeError(reason)
@@ -327,18 +321,11 @@ class LinkRun:
 
     def as_dict(self) -> dict[str, Any]:
         link, nbytes = self.busiest()
-        return {
-            "profile": self.profile,
-            "shaping": self.shaping,
-            "rate_bytes_per_s": self.rate_bytes_per_s,
-            "burst_bytes": self.burst_bytes,
-            "wire_bytes": self.wire,
-            "hosts": self.hosts,
-            "busiest_link": link,
-            "busiest_link_bytes": nbytes,
-            **self.result.as_dict(),
-            "steps_events": self.result.steps_events,
+        row = {
+            f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("result", "wire")
         }
+        row.update(wire_bytes=self.wire, busiest_link=link, busiest_link_bytes=nbytes)
+        return {**row, **self.result.as_dict(), "steps_events": self.result.steps_events}
 
 
 def placement(fabric: Fabric, n: int, gloo: bool) -> tuple[dict[str, Any], dict]:
