@@ -36,7 +36,7 @@ def machine() -> dict[str, str]:
         models = [line for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")]  # fmt: skip
         cpu = models[0].split(":", 1)[1].strip() if models else cpu
-    git = ["git", "rev-parse", "--short", "HEAD"]
+    git = ["git", "describe", "--always", "--dirty"]  # -dirty: uncommitted changes ran
     commit = subprocess.run(git, capture_output=True, text=True, cwd=REPO, check=False).stdout
     return {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),

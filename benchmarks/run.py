@@ -172,7 +172,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     a.tta = "tta" in only
     a.study = ([] if a.quick else list(elastic_study.PARTS)) if a.study is None else a.study
     a.study = a.study if "study" in only else []
-    a.crypto, a.profile, a.rss = ("crypto" in only, "profile" in only, "rss" in only)
+    a.e2e, a.crypto, a.profile, a.rss = (p in only for p in ("e2e", "crypto", "profile", "rss"))
     a.data_root = (a.data_root or default_data_root()).resolve()
     a.code = [c.resolve() for c in a.code]
     return a
@@ -227,9 +227,11 @@ def run_links(a: argparse.Namespace, profiles: list[links.Profile], work: Path) 
 def run_parts(a: argparse.Namespace, work: Path) -> dict:
     """Every loopback part, then every table; returns the --json sections."""
     modes, notes = mode_runners(a), []
+    # crypto alone runs only what it divides by: sync fp32 at each N
+    e2e = modes if a.e2e else {m: f for m, f in modes.items() if m == "sync fp32"}
     results: list[RunResult] = []
     for n in a.workers:
-        for mode, fn in modes.items():
+        for mode, fn in e2e.items():
             print(f"  running {mode} N={n} ({a.steps} steps)", flush=True)
             results.append(fn(n, a.steps, work / "e2e" / f"{mode.replace(' ', '-')}-{n}"))
     xchg = []

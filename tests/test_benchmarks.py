@@ -304,3 +304,5 @@ def test_parts_and_modes_chosen_by_flags() -> None:
     full = run.parse([])
     assert full.crypto and full.profile and full.rss and full.workers == [2, 3, 4]
     assert run.parse(["--only", "rss"]).workers == []
+    crypto = run.parse(["--only", "crypto"])  # runs sync fp32 (its denominator), not e2e
+    assert (crypto.e2e, crypto.crypto, crypto.workers) == (False, True, [2, 3, 4])
