@@ -65,34 +65,18 @@ def _row(part: str, label: str, mode: str, n: int, k: int | None, out: Path) -> 
     samples = summary.get("samples")
     traffic = (summary.get("bytes_sent") or 0) + (summary.get("bytes_recv") or 0)
     return Row(
-        part=part,
-        label=label,
-        mode=mode,
-        workers=n,
-        k=k,
-        wall_s=summary["wall"] - start,
-        final_accuracy=summary.get("final_accuracy"),
-        samples=samples,
+        part=part, label=label, mode=mode, workers=n, k=k, wall_s=summary["wall"] - start,
+        final_accuracy=summary.get("final_accuracy"), samples=samples,
         bytes_per_sample=traffic / samples if samples else None,
-    )
+    )  # fmt: skip
 
 
 def _run(a: Options, part: str, label: str, mode: str, out: Path, **kw: Any) -> Row:
     k = a.k if mode == "elastic" else None
     run_socket(
-        label,
-        a.workers,
-        a.max_steps,
-        a.batch_size,
-        a.data_root,
-        out,
-        mode=mode,
-        update_interval=a.k,
-        epochs=a.epochs,
-        threads=1,
-        timeout=1800,
-        **kw,
-    )
+        label, a.workers, a.max_steps, a.batch_size, a.data_root, out,
+        mode=mode, update_interval=a.k, epochs=a.epochs, threads=1, timeout=1800, **kw,
+    )  # fmt: skip
     row = _row(part, label, mode, a.workers, k, out)
     print(f"  {part}: {label}: acc {row.final_accuracy} in {row.wall_s:.1f} s", flush=True)
     return row

@@ -68,15 +68,13 @@ def measure_ours(
     cluster.wait(300, check=True)
     times = json.loads((out / "times.json").read_text())[warmup:]
     first = cluster.events(cluster.workers[0], "step")
-    return {
-        "kind": "ours",
-        "n": n,
-        "bytes": grad_bytes(hidden),
-        "iters": len(times),
-        "median_s": median(times),
-        "p90_s": percentile(times, 90),
-        "wire_ratio": per_step_bytes(first, "bytes_sent") / grad_bytes(hidden),
-    }
+    wire_ratio = per_step_bytes(first, "bytes_sent") / grad_bytes(hidden)
+    return {**_timing("ours", n, grad_bytes(hidden), times), "wire_ratio": wire_ratio}
+
+
+def _timing(kind: str, n: int, nbytes: int, times: list[float]) -> dict[str, Any]:
+    return {"kind": kind, "n": n, "bytes": nbytes, "iters": len(times),
+            "median_s": median(times), "p90_s": percentile(times, 90)}  # fmt: skip
 
 
 def drive_server(cluster_file: str, nn_file: str, out: str) -> None:
@@ -119,15 +117,7 @@ def measure_gloo(n: int, nbytes: int, iters: int, work: Path, warmup: int = 5) -
             ],
         )  # fmt: skip
     ranks.wait(300, check=True)
-    times = json.loads((out / "times.json").read_text())
-    return {
-        "kind": "gloo",
-        "n": n,
-        "bytes": nbytes,
-        "iters": len(times),
-        "median_s": median(times),
-        "p90_s": percentile(times, 90),
-    }
+    return _timing("gloo", n, nbytes, json.loads((out / "times.json").read_text()))
 
 
 def measure(n: int, nbytes: int, iters: int, work: Path, data_root: Path) -> dict[str, Any]:

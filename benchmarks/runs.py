@@ -95,22 +95,14 @@ def _result(
     summary = run.events(lead, "summary")
     step = median(times)
     return RunResult(
-        mode=mode,
-        workers=n,
-        batch_size=batch_size,
-        steps=steps,
-        step_ms_median=1e3 * step,
+        mode=mode, workers=n, batch_size=batch_size, steps=steps, step_ms_median=1e3 * step,
         step_ms_p90=1e3 * percentile(times, 90),
         samples_per_s=samples / step if step > 0 else float("nan"),
-        sent_per_step=_mean(sent),
-        recv_per_step=_mean(recv),
-        comm_fraction=comm[0],
-        comm_how=comm[1],
+        sent_per_step=_mean(sent), recv_per_step=_mean(recv),
+        comm_fraction=comm[0], comm_how=comm[1],
         final_accuracy=summary[0].get("final_accuracy") if summary else None,
-        evals=run.events(lead, "eval"),
-        steps_events=run.events(lead, "step"),
-        note=note,
-    )
+        evals=run.events(lead, "eval"), steps_events=run.events(lead, "step"), note=note,
+    )  # fmt: skip
 
 
 def summarize_gloo(n: int, batch_size: int, ranks: GlooRanks) -> RunResult:
@@ -119,11 +111,7 @@ def summarize_gloo(n: int, batch_size: int, ranks: GlooRanks) -> RunResult:
     comm = median([s["comm_s"] / s["step_time_s"] for s in timed if s["step_time_s"] > 0])
     summary = ranks.events("rank0", "summary")
     return _result(
-        "gloo DDP",
-        n,
-        batch_size,
-        ranks,
-        "rank0",
+        "gloo DDP", n, batch_size, ranks, "rank0",
         steps=len(per_rank[0]),
         times=[s["step_time_s"] for s in timed],
         samples=n * batch_size,
@@ -131,7 +119,7 @@ def summarize_gloo(n: int, batch_size: int, ranks: GlooRanks) -> RunResult:
         recv=[per_step_bytes(s, "bytes_recv") for s in per_rank],
         comm=(comm, "DDP comm hook: all-reduce launch to completion / step time"),
         note=f"bytes: {summary[0].get('bytes_source', '?') if summary else '?'}",
-    )
+    )  # fmt: skip
 
 
 def summarize_socket(mode: str, n: int, batch_size: int, cluster: LocalCluster) -> RunResult:
@@ -144,18 +132,13 @@ def summarize_socket(mode: str, n: int, batch_size: int, cluster: LocalCluster) 
     comm = max(0.0, 1 - median(compute) / median(times)) if compute else float("nan")
     how = "1 - median worker compute_s (fwd+bwd+GRADS send) / median server step time"
     return _result(
-        mode,
-        n,
-        batch_size,
-        cluster,
-        SERVER,
-        steps=len(steps),
-        times=times,
+        mode, n, batch_size, cluster, SERVER,
+        steps=len(steps), times=times,
         samples=median([s.get("samples", n * batch_size) for s in timed]),
         sent=[per_step_bytes(s, "bytes_sent") for s in per_worker],
         recv=[per_step_bytes(s, "bytes_recv") for s in per_worker],
         comm=(comm, how),
-    )
+    )  # fmt: skip
 
 
 def summarize_elastic(
@@ -176,19 +159,12 @@ def summarize_elastic(
             sent.append(steps[0]["bytes_sent"] / steps[0]["step"])
             recv.append(steps[0]["bytes_recv"] / steps[0]["step"])
     return _result(
-        mode,
-        n,
-        batch_size,
-        cluster,
-        SERVER,
+        mode, n, batch_size, cluster, SERVER,
         steps=max((s[-1]["step"] for s in per_worker if s), default=0),
-        times=local_times,
-        samples=n * batch_size,
-        sent=sent,
-        recv=recv,
+        times=local_times, samples=n * batch_size, sent=sent, recv=recv,
         comm=(float("nan"), f"elastic: one push/pull every {k} local steps (not split per step)"),
         note=f"per local step, averaged over pushes every {k} steps",
-    )
+    )  # fmt: skip
 
 
 def socket_cluster(
