@@ -10,14 +10,13 @@ namespace never gets an address or route of that subnet, nor sends to it (the ne
 A profile shapes both ends of every veth (each direction of each link): with sch_netem
 `netem delay (RTT/4) rate R` (two shapers each way, so RTT = 4 x delay); without it (this
 kernel) `tbf rate R burst B latency L`, rate only, NO added delay; the tables say which.
-Teardown kills every process in each namespace (`ip netns pids`) and deletes it, on the way
-out (try/finally, SIGINT/SIGTERM/SIGHUP turned into exceptions, atexit as a last resort);
-namespaces of a killed earlier run (owner pid gone) are removed on the next start.
+Teardown kills every process in each namespace (`ip netns pids`) and deletes it when the
+fabric's `with` block ends, however it ends (SIGTERM and SIGHUP raise SystemExit as Ctrl-C
+raises KeyboardInterrupt); namespaces of a SIGKILLed run (owner pid gone) go at the next start.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import json
 import os
@@ -26,7 +25,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -128,16 +127,14 @@ def kill_and_delete(names: list[str]) -> list[str]:
     return [ns for ns in names if ns in existing]
 
 
-def remove_stale() -> list[str]:
+def remove_stale() -> None:
     """Namespaces of an earlier run whose process is gone (killed with SIGKILL, say)."""
-    stale = []
-    for ns in our_namespaces():
-        owner = ns[len(PREFIX) :].split("-", 1)[0]
-        if owner.isdigit() and int(owner) != os.getpid() and not Path(f"/proc/{owner}").exists():
-            stale.append(ns)
-    if stale:
-        kill_and_delete(stale)
-    return stale
+    owners = {ns: ns[len(PREFIX) :].split("-", 1)[0] for ns in our_namespaces()}
+    kill_and_delete([ns for ns, pid in owners.items() if not Path(f"/proc/{pid}").exists()])
+
+
+def _stop(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # unwinds through every finally, then Fabric.__exit__
 
 
 def netem_available(ns: str) -> bool:
@@ -161,8 +158,6 @@ class Fabric:
         self.tag = f"{PREFIX}{os.getpid()}-"
         self.bridge = f"{self.tag}br"
         self.netem = False
-        self.shaping = "none"
-        self._old: dict[int, Any] = {}
         self._up = False
 
     def ns(self, i: int) -> str:
@@ -171,43 +166,21 @@ class Fabric:
     def addr(self, i: int) -> str:
         return f"{SUBNET}.{i + 1}"
 
-    def launch(self, i: int) -> list[str]:
-        return ["ip", "netns", "exec", self.ns(i)]
-
     def names(self) -> list[str]:
         return [self.bridge, *(self.ns(i) for i in range(self.hosts))]
 
     def __enter__(self) -> Fabric:
-        self._trap()
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _stop)
         try:
             self.up()
         except BaseException:
             self.down()
-            self._untrap()
             raise
         return self
 
     def __exit__(self, *exc: object) -> None:
-        try:
-            self.down()
-        finally:
-            self._untrap()
-
-    def _trap(self) -> None:
-        def stop(signum: int, frame: FrameType | None) -> None:
-            raise SystemExit(128 + signum)  # unwinds through every finally, then __exit__
-
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            self._old[sig] = signal.signal(sig, stop)
-        # SIGINT already raises KeyboardInterrupt unless someone replaced the handler.
-        self._old[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
-        atexit.register(self.down)
-
-    def _untrap(self) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        self._old.clear()
-        atexit.unregister(self.down)
+        self.down()
 
     def up(self) -> None:
         reason = unavailable_reason() or root_uses_subnet()
@@ -233,68 +206,59 @@ class Fabric:
             _run("ip", "-n", ns, "addr", "add", f"{self.addr(i)}/24", "dev", IFNAME)
             _run("ip", "-n", ns, "link", "set", IFNAME, "up")
         self.netem = netem_available(br)
-        reason = root_uses_subnet()
-        if reason:  # cannot happen through us; refuse anyway
-            raise RuntimeError(reason)
-        self.wait_reachable()
+        if shutil.which("ping"):  # else the workers' dial retries cover the wait
+            self.wait_reachable()
 
     def wait_reachable(self, timeout: float = 10.0) -> None:
         """Bridge ports take a moment to forward; every host must reach the server first."""
         deadline = time.monotonic() + timeout
         for i in range(1, self.hosts):
-            while True:
-                ping = _run("ip", "netns", "exec", self.ns(i), "ping", "-c", "1", "-W", "1",
-                            self.addr(0), check=False)  # fmt: skip
-                if ping.returncode == 0:
-                    break
-                if not shutil.which("ping"):
-                    return  # no ping: the workers' dial retries cover the wait
+            ping = ["ip", "netns", "exec", self.ns(i), "ping", "-c", "1", "-W", "1", self.addr(0)]
+            while _run(*ping, check=False).returncode:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{self.ns(i)} cannot reach {self.addr(0)}")
                 time.sleep(0.2)
 
-    def _ends(self) -> list[tuple[str, str]]:
-        """(namespace, device) of both ends of every host's cable."""
-        ends = []
+    def _ends(self) -> dict[str, tuple[str, str]]:
+        """(namespace, device) of both ends of every host's cable: 'h<i> up' sends host ->
+        switch, 'h<i> down' switch -> host."""
+        ends = {}
         for i in range(self.hosts):
-            ends += [(self.ns(i), IFNAME), (self.bridge, f"h{i}")]
+            ends |= {f"h{i} up": (self.ns(i), IFNAME), f"h{i} down": (self.bridge, f"h{i}")}
         return ends
 
     def apply(self, profile: Profile) -> str:
         """Shape every cable end with `profile`; returns how (printed with the table)."""
-        for ns, dev in self._ends():
+        for ns, dev in self._ends().values():
             _run("tc", "-n", ns, "qdisc", "del", "dev", dev, "root", check=False)
         if profile.rate_mbit is None:
-            self.shaping = "none (veth default qdisc, no shaping, no delay)"
-            return self.shaping
+            return "none (veth default qdisc, no shaping, no delay)"
         rate = f"{profile.rate_mbit:g}mbit"
         if self.netem:
             delay_us = round(1000 * (profile.rtt_ms or 0) / 4)
             spec = ["netem", "delay", f"{delay_us}us", "rate", rate, "limit", "10000"]
-            self.shaping = (
+            shaping = (
                 f"netem delay {delay_us}us rate {rate} on both ends of every host's veth "
                 f"(RTT ≈ {profile.rtt_ms} ms)"
             )
         else:
             burst = profile.burst_bytes()
             spec = ["tbf", "rate", rate, "burst", str(burst), "latency", f"{TBF_LATENCY_MS}ms"]
-            self.shaping = (
+            shaping = (
                 f"tbf rate {rate} burst {burst} latency {TBF_LATENCY_MS}ms on both ends of every "
                 "host's veth; rate only, NO added delay (this kernel has no sch_netem)"
             )
-        for ns, dev in self._ends():
+        for ns, dev in self._ends().values():
             _run("tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", *spec)
-        return self.shaping
+        return shaping
 
     def qdisc_bytes(self) -> dict[str, int]:
-        """Bytes each cable end's root qdisc has sent: 'h<i> up' (host -> switch) and
-        'h<i> down' (switch -> host). Counts every byte on the wire, headers included."""
+        """Bytes each cable end's root qdisc has sent, every byte on the wire (headers too)."""
         out: dict[str, int] = {}
-        for i in range(self.hosts):
-            for side, (ns, dev) in (("up", (self.ns(i), IFNAME)), ("down", (self.bridge, f"h{i}"))):
-                shown = _run("tc", "-s", "-j", "-n", ns, "qdisc", "show", "dev", dev).stdout
-                roots = [q for q in json.loads(shown or "[]") if q.get("root")]
-                out[f"h{i} {side}"] = int(roots[0]["bytes"]) if roots else 0
+        for end, (ns, dev) in self._ends().items():
+            shown = _run("tc", "-s", "-j", "-n", ns, "qdisc", "show", "dev", dev).stdout
+            roots = [q for q in json.loads(shown or "[]") if q.get("root")]
+            out[end] = int(roots[0]["bytes"]) if roots else 0
         return out
 
     def down(self) -> None:
@@ -308,10 +272,8 @@ class Fabric:
 
 @dataclass
 class LinkRun:
-    profile: str
+    profile: Profile
     shaping: str
-    rate_bytes_per_s: float
-    burst_bytes: int
     result: RunResult
     wire: dict[str, int] = field(default_factory=dict)  # qdisc bytes during the run
     hosts: dict[str, int] = field(default_factory=dict)  # run's host name -> fabric index
@@ -320,12 +282,12 @@ class LinkRun:
         return max(self.wire.items(), key=lambda kv: kv[1]) if self.wire else ("-", 0)
 
     def as_dict(self) -> dict[str, Any]:
-        link, nbytes = self.busiest()
-        row = {
-            f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("result", "wire")
-        }
-        row.update(wire_bytes=self.wire, busiest_link=link, busiest_link_bytes=nbytes)
-        return {**row, **self.result.as_dict(), "steps_events": self.result.steps_events}
+        p, (link, nbytes) = self.profile, self.busiest()
+        burst = p.burst_bytes() if p.rate_mbit else 0
+        return {"profile": p.key, "shaping": self.shaping, "rate_bytes_per_s": p.rate_bytes_per_s,
+                "burst_bytes": burst, "hosts": self.hosts, "wire_bytes": self.wire,
+                "busiest_link": link, "busiest_link_bytes": nbytes, **self.result.as_dict(),
+                "steps_events": self.result.steps_events}  # fmt: skip
 
 
 def placement(fabric: Fabric, n: int, gloo: bool) -> tuple[dict[str, Any], dict]:
@@ -343,7 +305,7 @@ def placement(fabric: Fabric, n: int, gloo: bool) -> tuple[dict[str, Any], dict]
         hosts = {name: i for i, name in enumerate([SERVER, *worker_names(n)])}
         server = fabric.addr(0)
         kw = {"extra": {"host_ip": dict.fromkeys(hosts, server), "bind_address": server}}
-    kw["launch"] = lambda host: fabric.launch(hosts[host])
+    kw["launch"] = lambda host: ["ip", "netns", "exec", fabric.ns(hosts[host])]
     return kw, hosts
 
 
@@ -372,21 +334,8 @@ def run_profiles(
                     result = fn(n, steps, out, **kw)
                     after = fabric.qdisc_bytes()
                     wire = {k: after[k] - before[k] for k in after if after[k] > before[k]}
-                    runs.append(
-                        LinkRun(
-                            profile=profile.key,
-                            shaping=shaping,
-                            rate_bytes_per_s=profile.rate_bytes_per_s,
-                            burst_bytes=profile.burst_bytes() if profile.rate_mbit else 0,
-                            result=result,
-                            wire=wire,
-                            hosts=hosts,
-                        )
-                    )
-    left = our_namespaces(fabric.tag)
-    if left:
-        raise RuntimeError(f"namespaces left after teardown: {left}")
-    return runs
+                    runs.append(LinkRun(profile, shaping, result, wire, hosts))
+    return runs  # Fabric.down raised if a namespace was left
 
 
 def busiest_payload(run: LinkRun) -> tuple[str, float]:
@@ -398,9 +347,3 @@ def busiest_payload(run: LinkRun) -> tuple[str, float]:
     if run.hosts and all(h.startswith("rank") for h in run.hosts):
         return "every rank's link", per_worker
     return "server link", r.workers * per_worker
-
-
-def transfer_floor_ms(run: LinkRun) -> float:
-    """Busiest link's payload bytes per step ÷ the rate: the least time per step the link
-    allows (headers, and the tbf bucket's burst, ignored)."""
-    return 1e3 * busiest_payload(run)[1] / run.rate_bytes_per_s

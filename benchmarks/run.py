@@ -183,7 +183,9 @@ def link_wire_table(runs: list[links.LinkRun]) -> str:
     for run in runs:
         r = run.result
         where, payload = links.busiest_payload(run)
-        floor = links.transfer_floor_ms(run) if math.isfinite(run.rate_bytes_per_s) else None
+        # the least time per step the rate allows (headers and the tbf burst ignored)
+        rate = run.profile.rate_bytes_per_s
+        floor = 1e3 * payload / rate if math.isfinite(rate) else None
         end, wire = run.busiest()
         rows.append(
             [r.mode, str(r.workers), where, fmt(payload, ",.0f"), fmt(floor, ".1f"),
@@ -214,7 +216,7 @@ def run_links(a: argparse.Namespace, profiles: list[links.Profile], work: Path) 
     left = links.our_namespaces()
     print(f"\nnamespaces with prefix {links.PREFIX} left: {left or 'none'}")
     for profile in profiles:
-        mine = [r for r in runs if r.profile == profile.key]
+        mine = [r for r in runs if r.profile == profile]
         if mine:
             print(f"\n## Links: {profile.label} (x gloo = samples/s ratio, same profile, same run)")
             print(f"\nshaping: {mine[0].shaping}\n\n{end_to_end_table([r.result for r in mine])}")
