@@ -75,33 +75,18 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def _result(
-    mode: str,
-    n: int,
-    batch_size: int,
-    run: Processes,
-    lead: str,
-    *,
-    steps: int,
-    times: list[float],
-    samples: float,
-    sent: list[float],
-    recv: list[float],
-    comm: tuple[float, str],
-    note: str = "",
-) -> RunResult:
-    """A row from per-step times (s), samples per step and per-process byte rates; the final
-    accuracy, evals and step events are the `lead` process's (the server, or gloo's rank 0)."""
-    summary = run.events(lead, "summary")
-    step = median(times)
-    return RunResult(
-        mode=mode, workers=n, batch_size=batch_size, steps=steps, step_ms_median=1e3 * step,
-        step_ms_p90=1e3 * percentile(times, 90),
+def _measured(
+    run: Processes, lead: str, times: list[float], samples: float, sent: list, recv: list
+) -> dict[str, Any]:
+    """RunResult fields from per-step times (s), samples per step and per-process byte rates;
+    the final accuracy, evals and step events are the `lead` process's (server, gloo rank 0)."""
+    summary, step = run.events(lead, "summary"), median(times)
+    return dict(
+        step_ms_median=1e3 * step, step_ms_p90=1e3 * percentile(times, 90),
         samples_per_s=samples / step if step > 0 else float("nan"),
         sent_per_step=_mean(sent), recv_per_step=_mean(recv),
-        comm_fraction=comm[0], comm_how=comm[1],
         final_accuracy=summary[0].get("final_accuracy") if summary else None,
-        evals=run.events(lead, "eval"), steps_events=run.events(lead, "step"), note=note,
+        evals=run.events(lead, "eval"), steps_events=run.events(lead, "step"),
     )  # fmt: skip
 
 
@@ -110,15 +95,12 @@ def summarize_gloo(n: int, batch_size: int, ranks: GlooRanks) -> RunResult:
     timed = _timed(per_rank[0])
     comm = median([s["comm_s"] / s["step_time_s"] for s in timed if s["step_time_s"] > 0])
     summary = ranks.events("rank0", "summary")
-    return _result(
-        "gloo DDP", n, batch_size, ranks, "rank0",
-        steps=len(per_rank[0]),
-        times=[s["step_time_s"] for s in timed],
-        samples=n * batch_size,
-        sent=[per_step_bytes(s, "bytes_sent") for s in per_rank],
-        recv=[per_step_bytes(s, "bytes_recv") for s in per_rank],
-        comm=(comm, "DDP comm hook: all-reduce launch to completion / step time"),
+    sent, recv = ([per_step_bytes(s, k) for s in per_rank] for k in ("bytes_sent", "bytes_recv"))
+    return RunResult(
+        "gloo DDP", n, batch_size, len(per_rank[0]), comm_fraction=comm,
+        comm_how="DDP comm hook: all-reduce launch to completion / step time",
         note=f"bytes: {summary[0].get('bytes_source', '?') if summary else '?'}",
+        **_measured(ranks, "rank0", [s["step_time_s"] for s in timed], n * batch_size, sent, recv),
     )  # fmt: skip
 
 
@@ -131,13 +113,11 @@ def summarize_socket(mode: str, n: int, batch_size: int, cluster: LocalCluster) 
     compute = [s["compute_s"] for steps in per_worker for s in _timed(steps) if "compute_s" in s]
     comm = max(0.0, 1 - median(compute) / median(times)) if compute else float("nan")
     how = "1 - median worker compute_s (fwd+bwd+GRADS send) / median server step time"
-    return _result(
-        mode, n, batch_size, cluster, SERVER,
-        steps=len(steps), times=times,
-        samples=median([s.get("samples", n * batch_size) for s in timed]),
-        sent=[per_step_bytes(s, "bytes_sent") for s in per_worker],
-        recv=[per_step_bytes(s, "bytes_recv") for s in per_worker],
-        comm=(comm, how),
+    samples = median([s.get("samples", n * batch_size) for s in timed])
+    sent, recv = ([per_step_bytes(s, k) for s in per_worker] for k in ("bytes_sent", "bytes_recv"))
+    return RunResult(
+        mode, n, batch_size, len(steps), comm_fraction=comm, comm_how=how,
+        **_measured(cluster, SERVER, times, samples, sent, recv),
     )  # fmt: skip
 
 
@@ -158,12 +138,12 @@ def summarize_elastic(
         elif steps:  # one push: count from the start (includes the initial weights)
             sent.append(steps[0]["bytes_sent"] / steps[0]["step"])
             recv.append(steps[0]["bytes_recv"] / steps[0]["step"])
-    return _result(
-        mode, n, batch_size, cluster, SERVER,
-        steps=max((s[-1]["step"] for s in per_worker if s), default=0),
-        times=local_times, samples=n * batch_size, sent=sent, recv=recv,
-        comm=(float("nan"), f"elastic: one push/pull every {k} local steps (not split per step)"),
+    return RunResult(
+        mode, n, batch_size, max((s[-1]["step"] for s in per_worker if s), default=0),
+        comm_fraction=float("nan"),
+        comm_how=f"elastic: one push/pull every {k} local steps (not split per step)",
         note=f"per local step, averaged over pushes every {k} steps",
+        **_measured(cluster, SERVER, local_times, n * batch_size, sent, recv),
     )  # fmt: skip
 
 
