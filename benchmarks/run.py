@@ -244,11 +244,7 @@ def run_parts(a: argparse.Namespace, work: Path) -> dict:
             notes.append(f"exchange: no SimpleNN has {nbytes:,} B of gradients; measured the "
                          f"closest, {xchg[-1]['bytes']:,} B")  # fmt: skip
     tta = run_tta(a, modes, work) if a.tta else []
-    study_opts = elastic_study.Options(
-        workers=a.tta_workers, epochs=a.study_epochs, k=a.study_k, batch_size=a.batch_size,
-        max_steps=a.study_max_steps, data_root=a.data_root,
-    )  # fmt: skip
-    study = elastic_study.run_parts(a.study, study_opts, work)
+    study = elastic_study.run_parts(a, work)
     sync = {r.workers: r.step_ms_median / 1e3 for r in results if r.mode == "sync fp32"}
     crypto = encryption.measure(grad_bytes(), sync) if a.crypto and sync else []
     if a.crypto and not sync:
@@ -284,7 +280,7 @@ def run_parts(a: argparse.Namespace, work: Path) -> dict:
             f"(N={a.tta_workers}, eval every {a.tta_eval_steps} steps)\n\n{tta_table(tta)}"
         )
     if study:
-        print("\n" + elastic_study.report(study, study_opts))
+        print("\n" + elastic_study.report(study, a))
     if crypto:
         print(f"\n## Encryption: seal/open passes per sync fp32 step (protocol 3, same run)\n\n"
               f"{encryption.report(crypto)}")  # fmt: skip
