@@ -13,7 +13,6 @@ per call. The bytes column is the model's real gradient size, used by both.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -61,7 +60,7 @@ def measure_ours(
     cluster = socket_cluster(
         out, n, data_root, steps=warmup + iters, batch_size=1, hidden=hidden, env=BENCH_ENV
     )
-    argv = [sys.executable, "-m", "benchmarks.exchange", "--drive", str(cluster.cluster_file)]
+    argv = [sys.executable, "-m", "benchmarks.exchange", "drive", str(cluster.cluster_file)]
     cluster.start_process(SERVER, [*argv, str(cluster.nn_file), str(out / "times.json")])
     for host in cluster.workers:
         cluster.spawn(host, "worker", "--host", host)
@@ -108,14 +107,10 @@ def measure_gloo(n: int, nbytes: int, iters: int, work: Path, warmup: int = 5) -
     ranks = Processes(out, env=BENCH_ENV)
     port = free_port_pair()
     for rank in range(n):
-        ranks.start_process(
-            f"rank{rank}",
-            [
-                sys.executable, "-m", "benchmarks.exchange", "--rank", str(rank), "--n", str(n),
-                "--bytes", str(nbytes), "--iters", str(iters), "--warmup", str(warmup),
-                "--port", str(port), "--out", str(out / "times.json"),
-            ],
-        )  # fmt: skip
+        spec = {"rank": rank, "n": n, "nbytes": nbytes, "iters": iters, "warmup": warmup,
+                "port": port, "out": str(out / "times.json")}  # fmt: skip
+        argv = [sys.executable, "-m", "benchmarks.exchange", "gloo", json.dumps(spec)]
+        ranks.start_process(f"rank{rank}", argv)
     ranks.wait(300, check=True)
     return _timing("gloo", n, nbytes, json.loads((out / "times.json").read_text()))
 
@@ -133,41 +128,37 @@ def measure(n: int, nbytes: int, iters: int, work: Path, data_root: Path) -> dic
     }
 
 
-def gloo_rank(a: argparse.Namespace) -> None:
+def gloo_rank(rank: int, n: int, nbytes: int, iters: int, warmup: int, port: int, out: str) -> None:
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     dist.init_process_group(
         "gloo",
-        init_method=f"tcp://{LOOPBACK}:{a.port}",
-        rank=a.rank,
-        world_size=a.n,
+        init_method=f"tcp://{LOOPBACK}:{port}",
+        rank=rank,
+        world_size=n,
         timeout=timedelta(seconds=120),
     )
-    tensor = torch.ones(a.bytes // 4)
+    tensor = torch.ones(nbytes // 4)
     times = []
-    for i in range(a.warmup + a.iters):
+    for i in range(warmup + iters):
         t0 = time.perf_counter()
         dist.all_reduce(tensor)
-        tensor.div_(a.n)  # an average, like ours
-        if i >= a.warmup:
+        tensor.div_(n)  # an average, like ours
+        if i >= warmup:
             times.append(time.perf_counter() - t0)
     dist.barrier()
     dist.destroy_process_group()
-    if a.rank == 0:
-        Path(a.out).write_text(json.dumps(times))
+    if rank == 0:
+        Path(out).write_text(json.dumps(times))
 
 
 def main(argv: list[str] | None = None) -> int:
-    """A child of this benchmark: the server end (--drive) or one gloo rank."""
-    p = argparse.ArgumentParser(prog="python -m benchmarks.exchange")
-    p.add_argument("--drive", nargs=3, metavar=("CLUSTER_YAML", "NN_YAML", "OUT"))
-    for flag in ("--rank", "--n", "--bytes", "--iters", "--warmup", "--port"):
-        p.add_argument(flag, type=int)
-    p.add_argument("--out")
-    a = p.parse_args(argv)
-    if a.drive:
-        drive_server(*a.drive)
+    """A child of this benchmark: `drive CLUSTER_YAML NN_YAML OUT` (the server end) or
+    `gloo JSON` (one rank; JSON holds gloo_rank's arguments)."""
+    kind, *args = sys.argv[1:] if argv is None else argv
+    if kind == "drive":
+        drive_server(*args)
     else:
-        gloo_rank(a)
+        gloo_rank(**json.loads(args[0]))
     return 0
 
 
