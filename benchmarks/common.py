@@ -1,4 +1,4 @@
-"""What the benchmark modules share: the data, the header, a CPU window, statistics, tables."""
+"""What the benchmark modules share: the data root, the header, a CPU window, statistics, tables."""
 
 from __future__ import annotations
 
@@ -13,8 +13,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from smolcluster.offline_digits import build_offline_digits
-
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -23,8 +21,10 @@ def default_data_root() -> Path:
     return Path(os.environ.get("SMOLCLUSTER_TEST_DATA") or REPO / ".cache" / "test-data")
 
 
-def prepare_data(root: Path) -> str:
-    return build_offline_digits(root).source
+def code_env(code: Path = REPO) -> dict[str, str]:
+    """Trainer processes' environment: `code`'s smolcluster first (--code measures another
+    checkout's trainer), then this checkout, for `python -m benchmarks...` children."""
+    return {"PYTHONPATH": os.pathsep.join(dict.fromkeys([str(code), str(REPO)]))}
 
 
 def machine() -> dict[str, str]:

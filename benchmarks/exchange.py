@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from benchmarks.common import REPO, median, per_step_bytes, percentile
+from benchmarks.common import code_env, median, per_step_bytes, percentile
 from benchmarks.runs import grad_bytes, socket_cluster
 from smolcluster import codec
 from smolcluster.checkpoint import Progress
@@ -36,9 +36,6 @@ from smolcluster.plan import make_plan, train_size
 from smolcluster.protocol import MsgType, read_secret
 from smolcluster.replica import Replica
 from smolcluster.sync import SyncLoop
-
-# The children run `python -m benchmarks.exchange` from their run directory.
-BENCH_ENV = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 
 
 @cache
@@ -58,7 +55,7 @@ def measure_ours(
     hidden = hidden_for(nbytes)
     out = work / f"ours-{n}-{nbytes}"
     cluster = socket_cluster(
-        out, n, data_root, steps=warmup + iters, batch_size=1, hidden=hidden, env=BENCH_ENV
+        out, n, data_root, steps=warmup + iters, batch_size=1, hidden=hidden, env=code_env()
     )
     argv = [sys.executable, "-m", "benchmarks.exchange", "drive", str(cluster.cluster_file)]
     cluster.start_process(SERVER, [*argv, str(cluster.nn_file), str(out / "times.json")])
@@ -104,7 +101,7 @@ def drive_server(cluster_file: str, nn_file: str, out: str) -> None:
 
 def measure_gloo(n: int, nbytes: int, iters: int, work: Path, warmup: int = 5) -> dict[str, Any]:
     out = work / f"gloo-{n}-{nbytes}"
-    ranks = Processes(out, env=BENCH_ENV)
+    ranks = Processes(out, env=code_env())  # children: `python -m benchmarks.exchange`
     port = free_port_pair()
     for rank in range(n):
         spec = {"rank": rank, "n": n, "nbytes": nbytes, "iters": iters, "warmup": warmup,

@@ -25,7 +25,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from benchmarks.common import REPO, median, table
+from benchmarks.common import code_env, median, table
 from benchmarks.runs import socket_cluster
 
 
@@ -89,8 +89,9 @@ def profile(code: Path, n: int, seconds: float, rate: int, work: Path, data_root
     """Start a long run, attach py-spy to the server and one worker for `seconds` once 20
     steps are done (so start-up and joining are not in the window), then stop the run."""
     pyspy = str(pyspy_path())
-    env = {"PYTHONPATH": os.pathsep.join([str(code), str(REPO)])}
-    cluster = socket_cluster(work / "run", n, data_root, steps=100_000, epochs=100, env=env)
+    cluster = socket_cluster(
+        work / "run", n, data_root, steps=100_000, epochs=100, env=code_env(code)
+    )
     worker = cluster.workers[0]
     try:
         cluster.start()

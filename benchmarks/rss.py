@@ -20,13 +20,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.common import REPO, table
+from benchmarks.common import REPO, code_env, table
 from smolcluster.harness import SERVER, LocalCluster, Processes
 
 MB = 1e6
 WORKERS, STEPS = 3, 60  # the default run: 3 workers (20,000 samples each on full MNIST)
 BASELINE = "import torch, torchvision"
 GOAL_MB = 120  # issue 14: a worker's RSS beyond the import, on full MNIST
+FULL_MNIST = REPO / ".cache" / "full-mnist"  # `smolcluster data fetch` puts it here
 
 
 @dataclass
@@ -35,15 +36,6 @@ class RssRow:
     process: str  # "server", "worker (max of N)" or the baseline
     peak_mb: float
     beyond_mb: float  # peak minus the baseline's peak
-
-
-def full_mnist_root() -> Path:
-    return REPO / ".cache" / "full-mnist"
-
-
-def _env(code: Path) -> dict[str, str]:
-    # `code`'s smolcluster first: --code measures another checkout's trainer
-    return {"PYTHONPATH": os.pathsep.join([str(code), str(REPO)])}
 
 
 # Runs `PYTHON -m module args...` or `PYTHON -c code` and, at exit, writes the process's peak
@@ -81,54 +73,44 @@ def recording(work: Path) -> Callable[[str], list[str]]:
 
 
 def baseline_mb(code: Path, work: Path) -> float:
-    run = Processes(work, launch=recording(work), env=_env(code))
+    run = Processes(work, launch=recording(work), env=code_env(code))
     run.start_process("baseline", [sys.executable, "-c", BASELINE])
     return peak_rss(run, 120)["baseline"]
 
 
-def measure(
-    dataset: str, data_root: Path, code: Path, work: Path, workers: int, steps: int, base: float
-) -> list[RssRow]:
+def measure(dataset: str, data_root: Path, code: Path, work: Path, base: float) -> list[RssRow]:
     """One sync run: the server's peak and the largest worker peak."""
     cluster = LocalCluster(
-        work, data_root, workers, nn={"max_steps": steps, "eval_steps": max(1, steps // 2)},
-        launch=recording(work), env=_env(code),
+        work, data_root, WORKERS, nn={"max_steps": STEPS, "eval_steps": STEPS // 2},
+        launch=recording(work), env=code_env(code),
     )  # fmt: skip
     cluster.start()
     peaks = peak_rss(cluster, 600)
     worker = max(peaks[h] for h in cluster.workers)
     return [
         RssRow(dataset, "server", peaks[SERVER], peaks[SERVER] - base),
-        RssRow(dataset, f"worker (max of {workers})", worker, worker - base),
+        RssRow(dataset, f"worker (max of {WORKERS})", worker, worker - base),
     ]
 
 
 def fetch_full_mnist(root: Path) -> str | None:
     """None when full MNIST is at `root` (fetched now if needed), else why not."""
     argv = [sys.executable, "-m", "smolcluster", "data", "fetch", "--root", str(root)]
-    env = {**os.environ, **_env(REPO)}
+    env = {**os.environ, **code_env()}
     done = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
     return None if done.returncode == 0 else (done.stderr.strip() or done.stdout.strip())[-300:]
 
 
-def measure_all(
-    code: Path,
-    work: Path,
-    digits: Path,
-    workers: int = WORKERS,
-    steps: int = STEPS,
-    full_root: Path | None = None,
-) -> tuple[list[RssRow], list[str]]:
+def measure_all(code: Path, work: Path, digits: Path) -> tuple[list[RssRow], list[str]]:
     """The baseline, then offline digits and full MNIST: (rows, notes)."""
     notes: list[str] = []
     load_before = os.getloadavg()[0]
     base = baseline_mb(code, work / "baseline")
     rows = [RssRow("-", BASELINE, base, 0.0)]
-    rows += measure("offline digits", digits, code, work / "digits", workers, steps, base)
-    full = (full_root or full_mnist_root()).resolve()
-    why = fetch_full_mnist(full)
+    rows += measure("offline digits", digits, code, work / "digits", base)
+    why = fetch_full_mnist(FULL_MNIST)
     if why is None:
-        rows += measure("full MNIST", full, code, work / "full", workers, steps, base)
+        rows += measure("full MNIST", FULL_MNIST, code, work / "full", base)
     else:
         notes.append(f"RSS on full MNIST skipped: {why}")
     notes.append(
@@ -137,10 +119,10 @@ def measure_all(
     return rows, notes
 
 
-def report(rows: list[RssRow], workers: int = WORKERS, steps: int = STEPS) -> str:
+def report(rows: list[RssRow]) -> str:
     cells = [[r.dataset, r.process, f"{r.peak_mb:.0f}", f"{r.beyond_mb:.0f}"] for r in rows]
     text = (
-        f"## Peak RSS (sync, N={workers}, {steps} steps, batch 32, server evaluates twice)\n\n"
+        f"## Peak RSS (sync, N={WORKERS}, {STEPS} steps, batch 32, server evaluates twice)\n\n"
         + table(f"dataset|process|peak RSS MB|beyond `{BASELINE}` MB", cells)
     )
     full = [r.beyond_mb for r in rows if r.dataset == "full MNIST" and r.process[0] == "w"]

@@ -32,11 +32,11 @@ from benchmarks.common import (
     fmt,
     header,
     machine,
-    prepare_data,
     table,
     time_to_accuracy,
 )
 from benchmarks.runs import RunResult, grad_bytes, run_gloo, run_socket
+from smolcluster.offline_digits import build_offline_digits
 
 GLOO = "gloo DDP"
 PARTS = ["e2e", "exchange", "tta", "study", "crypto", "profile", "rss"]  # --only
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"benchmarks.run: error: {why}", file=sys.stderr)
             return 2
     info = machine()
-    dataset = prepare_data(a.data_root)
+    dataset = build_offline_digits(a.data_root).source
     print(header(info), flush=True)
     print(
         f"dataset: {dataset}; model SimpleNN ({grad_bytes():,} B of fp32 gradients); batch "
