@@ -7,9 +7,9 @@ br0 (the switch), `...h0` the server, `...h1`.. the workers, each host joined to
 veth (`eth0` in the host, `h<i>` on the bridge) with 10.10.0.<i+1>/24 as on the cluster's
 Thunderbolt fabric. Both ends of a veth are created inside their namespaces: the root
 namespace never gets an address or route of that subnet, nor sends to it (the network rule).
-A profile shapes both ends of every veth (each direction of each link): with sch_netem
-`netem delay (RTT/4) rate R` (two shapers each way, so RTT = 4 x delay); without it (this
-kernel) `tbf rate R burst B latency L`, rate only, NO added delay; the tables say which.
+A profile shapes both ends of every veth (each direction of each link) with `tbf rate R burst
+B latency L`: rate only, NO added delay (this machine's kernel has no sch_netem to emulate
+latency with, so no netem path is kept that could not be run; docs/benchmarks.md).
 Teardown kills every process in each namespace (`ip netns pids`) and deletes it when the
 fabric's `with` block ends, however it ends (SIGTERM and SIGHUP raise SystemExit as Ctrl-C
 raises KeyboardInterrupt); namespaces of a SIGKILLed run (owner pid gone) go at the next start.
@@ -45,7 +45,6 @@ class Profile:
     key: str
     label: str
     rate_mbit: float | None  # None: unshaped
-    rtt_ms: float | None  # used only with netem
 
     def burst_bytes(self) -> int:
         """tbf bucket: 1 ms at the rate, at least 64 KiB (small next to a step's MBs)."""
@@ -60,10 +59,10 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     p.key: p
     for p in (
-        Profile("veth", "unshaped veth", None, None),
-        Profile("tb", "Thunderbolt 10gbit", 10_000, 0.3),
-        Profile("gbe", "GbE 940mbit", 940, 0.2),
-        Profile("wifi", "Wi-Fi 200mbit", 200, 4.0),
+        Profile("veth", "unshaped veth", None),
+        Profile("tb", "Thunderbolt 10gbit", 10_000),
+        Profile("gbe", "GbE 940mbit", 940),
+        Profile("wifi", "Wi-Fi 200mbit", 200),
     )
 }
 
@@ -137,15 +136,6 @@ def _stop(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)  # unwinds through every finally, then Fabric.__exit__
 
 
-def netem_available(ns: str) -> bool:
-    """Try a netem qdisc on the namespace's loopback (the kernel may lack sch_netem)."""
-    ok = _run("tc", "-n", ns, "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms",
-              check=False).returncode == 0  # fmt: skip
-    if ok:
-        _run("tc", "-n", ns, "qdisc", "del", "dev", "lo", "root", check=False)
-    return ok
-
-
 class Fabric:
     """A bridge namespace and `hosts` host namespaces; a context manager that always tears down.
 
@@ -157,7 +147,6 @@ class Fabric:
         self.hosts = hosts
         self.tag = f"{PREFIX}{os.getpid()}-"
         self.bridge = f"{self.tag}br"
-        self.netem = False
         self._up = False
 
     def ns(self, i: int) -> str:
@@ -205,7 +194,6 @@ class Fabric:
             _run("ip", "-n", br, "link", "set", port, "master", "br0", "up")
             _run("ip", "-n", ns, "addr", "add", f"{self.addr(i)}/24", "dev", IFNAME)
             _run("ip", "-n", ns, "link", "set", IFNAME, "up")
-        self.netem = netem_available(br)
         if shutil.which("ping"):  # else the workers' dial retries cover the wait
             self.wait_reachable()
 
@@ -233,24 +221,14 @@ class Fabric:
             _run("tc", "-n", ns, "qdisc", "del", "dev", dev, "root", check=False)
         if profile.rate_mbit is None:
             return "none (veth default qdisc, no shaping, no delay)"
-        rate = f"{profile.rate_mbit:g}mbit"
-        if self.netem:
-            delay_us = round(1000 * (profile.rtt_ms or 0) / 4)
-            spec = ["netem", "delay", f"{delay_us}us", "rate", rate, "limit", "10000"]
-            shaping = (
-                f"netem delay {delay_us}us rate {rate} on both ends of every host's veth "
-                f"(RTT ≈ {profile.rtt_ms} ms)"
-            )
-        else:
-            burst = profile.burst_bytes()
-            spec = ["tbf", "rate", rate, "burst", str(burst), "latency", f"{TBF_LATENCY_MS}ms"]
-            shaping = (
-                f"tbf rate {rate} burst {burst} latency {TBF_LATENCY_MS}ms on both ends of every "
-                "host's veth; rate only, NO added delay (this kernel has no sch_netem)"
-            )
+        rate, burst = f"{profile.rate_mbit:g}mbit", profile.burst_bytes()
+        spec = ["tbf", "rate", rate, "burst", str(burst), "latency", f"{TBF_LATENCY_MS}ms"]
         for ns, dev in self._ends().values():
             _run("tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", *spec)
-        return shaping
+        return (
+            f"tbf rate {rate} burst {burst} latency {TBF_LATENCY_MS}ms on both ends of every "
+            "host's veth; rate only, NO added delay (no sch_netem)"
+        )
 
     def qdisc_bytes(self) -> dict[str, int]:
         """Bytes each cable end's root qdisc has sent, every byte on the wire (headers too)."""
@@ -321,7 +299,7 @@ def run_profiles(
     """Every mode at every N under every profile, on one fabric built for the largest N."""
     runs: list[LinkRun] = []
     with Fabric(max(workers) + 1) as fabric:
-        log(f"  namespaces: {' '.join(fabric.names())} (netem: {fabric.netem})")
+        log(f"  namespaces: {' '.join(fabric.names())}")
         for profile in profiles:
             shaping = fabric.apply(profile)
             log(f"  profile {profile.label}: {shaping}")

@@ -222,8 +222,7 @@ def run_links(a: argparse.Namespace, profiles: list[links.Profile], work: Path) 
             print(f"\nshaping: {mine[0].shaping}\n\n{end_to_end_table([r.result for r in mine])}")
             print(f"\n{link_wire_table(mine)}")
     print(LINKS_NOTE)
-    netem = any(r.shaping.startswith("netem") for r in runs)
-    return {"netem": netem, "links": [r.as_dict() for r in runs], "namespaces_left": left}
+    return {"links": [r.as_dict() for r in runs], "namespaces_left": left}
 
 
 def run_parts(a: argparse.Namespace, work: Path) -> dict:
