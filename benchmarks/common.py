@@ -1,15 +1,17 @@
-"""What the benchmark modules share: the data, a CPU window, statistics over metrics."""
+"""What the benchmark modules share: the data root, the header, a CPU window, statistics, tables."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import platform
 import statistics
+import subprocess
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
-
-from smolcluster.offline_digits import build_offline_digits
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -19,8 +21,41 @@ def default_data_root() -> Path:
     return Path(os.environ.get("SMOLCLUSTER_TEST_DATA") or REPO / ".cache" / "test-data")
 
 
-def prepare_data(root: Path) -> str:
-    return build_offline_digits(root).source
+def code_env(code: Path = REPO) -> dict[str, str]:
+    """Trainer processes' environment: `code`'s smolcluster first (--code measures another
+    checkout's trainer), then this checkout, for `python -m benchmarks...` children."""
+    return {"PYTHONPATH": os.pathsep.join(dict.fromkeys([str(code), str(REPO)]))}
+
+
+def machine() -> dict[str, str]:
+    """Where and on what the numbers were taken: printed in the header and kept in --json."""
+    import torch
+
+    cpu = platform.processor() or "?"
+    with contextlib.suppress(OSError):
+        models = [line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")]  # fmt: skip
+        cpu = models[0].split(":", 1)[1].strip() if models else cpu
+    git = ["git", "describe", "--always", "--dirty"]  # -dirty: uncommitted changes ran
+    commit = subprocess.run(git, capture_output=True, text=True, cwd=REPO, check=False).stdout
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "commit": commit.strip() or "?",
+        "nproc": str(os.cpu_count()),
+        "cpu": cpu,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "os": f"{platform.system()} {platform.release()}",
+        "load": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+    }
+
+
+def header(info: dict[str, str]) -> str:
+    return (
+        f"# smolcluster benchmarks, {info['date']}, commit {info['commit']}\n"
+        f"machine: {info['nproc']} CPUs, {info['cpu']}, torch {info['torch']}, python "
+        f"{info['python']}, {info['os']}; load average (1, 5, 15 min) {info['load']}"
+    )
 
 
 class CpuWindow:

@@ -4,6 +4,8 @@
 
 Every row is a full run of the real server and workers on loopback (benchmarks/runs.py)
 over the same data, seed and sample budget; accuracies are the server's final test accuracy.
+Options are benchmarks.run's: N = --tta-workers, --study-epochs, K = --study-k, --batch-size,
+--study-max-steps (a cap per run) and --data-root.
 - rules: the elastic merge rule (server_lr, server_momentum) against the sync run.
 - int8: the same sync and elastic runs with use_quantization, the accuracy difference.
 - slow: one worker throttled so each of its steps takes about 5x as long; wall time to finish
@@ -12,11 +14,12 @@ over the same data, seed and sample budget; accuracies are the server's final te
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from argparse import Namespace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import default_data_root, fmt, median, table
+from benchmarks.common import fmt, median, table
 from benchmarks.runs import run_socket
 from smolcluster.harness import SERVER, read_events, worker_names
 
@@ -27,17 +30,6 @@ RULES: list[tuple[str, dict[str, Any]]] = [
     ("Nesterov lr 0.7 mu 0.9 (DiLoCo)", {"server_lr": 0.7, "server_momentum": 0.9}),
     ("Nesterov lr 1 mu 0.5", {"server_lr": 1.0, "server_momentum": 0.5}),
 ]
-
-
-@dataclass
-class Options:
-    workers: int = 3
-    epochs: int = 2
-    k: int = 10  # elastic push/pull interval
-    batch_size: int = 32
-    throttle_s: float = 0.0  # per-step sleep of worker 1; 0: 4x its measured compute per step
-    max_steps: int = 1_000_000  # cap per run (tiny runs in tests)
-    data_root: Path = field(default_factory=default_data_root)
 
 
 @dataclass
@@ -65,48 +57,32 @@ def _row(part: str, label: str, mode: str, n: int, k: int | None, out: Path) -> 
     samples = summary.get("samples")
     traffic = (summary.get("bytes_sent") or 0) + (summary.get("bytes_recv") or 0)
     return Row(
-        part=part,
-        label=label,
-        mode=mode,
-        workers=n,
-        k=k,
-        wall_s=summary["wall"] - start,
-        final_accuracy=summary.get("final_accuracy"),
-        samples=samples,
+        part=part, label=label, mode=mode, workers=n, k=k, wall_s=summary["wall"] - start,
+        final_accuracy=summary.get("final_accuracy"), samples=samples,
         bytes_per_sample=traffic / samples if samples else None,
-    )
+    )  # fmt: skip
 
 
-def _run(a: Options, part: str, label: str, mode: str, out: Path, **kw: Any) -> Row:
-    k = a.k if mode == "elastic" else None
+def _run(a: Namespace, part: str, label: str, mode: str, out: Path, **kw: Any) -> Row:
+    k = a.study_k if mode == "elastic" else None
     run_socket(
-        label,
-        a.workers,
-        a.max_steps,
-        a.batch_size,
-        a.data_root,
-        out,
-        mode=mode,
-        update_interval=a.k,
-        epochs=a.epochs,
-        threads=1,
-        timeout=1800,
-        **kw,
-    )
-    row = _row(part, label, mode, a.workers, k, out)
+        label, a.tta_workers, a.study_max_steps, a.batch_size, a.data_root, out,
+        mode=mode, update_interval=a.study_k, epochs=a.study_epochs, timeout=1800, **kw,
+    )  # fmt: skip
+    row = _row(part, label, mode, a.tta_workers, k, out)
     print(f"  {part}: {label}: acc {row.final_accuracy} in {row.wall_s:.1f} s", flush=True)
     return row
 
 
-def rules(a: Options, work: Path) -> list[Row]:
+def rules(a: Namespace, work: Path) -> list[Row]:
     rows = [_run(a, "rules", "sync fp32", "sync", work / "rules-sync")]
     for i, (label, keys) in enumerate(RULES):
-        keys = {k: (a.workers if v == "N" else v) for k, v in keys.items()}
+        keys = {k: (a.tta_workers if v == "N" else v) for k, v in keys.items()}
         rows.append(_run(a, "rules", label, "elastic", work / f"rules-{i}", extra=keys))
     return rows
 
 
-def int8(a: Options, work: Path) -> list[Row]:
+def int8(a: Namespace, work: Path) -> list[Row]:
     rows = []
     for mode in ("sync", "elastic"):
         for quant in (False, True):
@@ -116,18 +92,17 @@ def int8(a: Options, work: Path) -> list[Row]:
     return rows
 
 
-def slow(a: Options, work: Path) -> list[Row]:
+def slow(a: Namespace, work: Path) -> list[Row]:
     """Worker 1 sleeps after each step so its steps take ~5x as long as an unthrottled one."""
     rows = [_run(a, "slow", "sync, no slow worker", "sync", work / "slow-ref")]
-    if not a.throttle_s:
-        # A 5x slower machine: its batch costs 4 more of its measured compute times.
-        compute = [
-            e["compute_s"]
-            for w in worker_names(a.workers)
-            for e in read_events(work / "slow-ref" / "metrics" / f"{w}.jsonl", "step")
-            if "compute_s" in e
-        ]
-        a.throttle_s = round(4 * median(compute), 4)
+    # A 5x slower machine: its batch costs 4 more of its measured compute times.
+    compute = [
+        e["compute_s"]
+        for w in worker_names(a.tta_workers)
+        for e in read_events(work / "slow-ref" / "metrics" / f"{w}.jsonl", "step")
+        if "compute_s" in e
+    ]
+    a.throttle_s = round(4 * median(compute), 4)  # for the report
     throttle = {"throttle_s": {worker_names(1)[0]: a.throttle_s}}
     rows.append(_run(a, "slow", "sync", "sync", work / "slow-sync", extra=throttle))
     rows.append(
@@ -146,14 +121,15 @@ TITLES = {
 }
 
 
-def run_parts(parts: list[str], a: Options, work: Path) -> list[Row]:
-    return [row for name in parts for row in PARTS[name](a, work / "study")]
+def run_parts(a: Namespace, work: Path) -> list[Row]:
+    return [row for name in a.study for row in PARTS[name](a, work / "study")]
 
 
-def report(rows: list[Row], a: Options) -> str:
+def report(rows: list[Row], a: Namespace) -> str:
     out = []
     for name in dict.fromkeys(r.part for r in rows):
-        out.append(f"## {TITLES[name]}\n\nN={a.workers}, {a.epochs} epoch(s), elastic K={a.k}")
+        n, epochs, k = a.tta_workers, a.study_epochs, a.study_k
+        out.append(f"## {TITLES[name]}\n\nN={n}, {epochs} epoch(s), elastic K={k}")
         if name == "slow":
             out[-1] += f", worker 1 sleeps {a.throttle_s} s per step"
         header = "run|mode|N|K|final acc|wall s|B on wire / sample"

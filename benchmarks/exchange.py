@@ -13,7 +13,6 @@ per call. The bytes column is the model's real gradient size, used by both.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -26,9 +25,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from benchmarks.common import REPO, median, per_step_bytes, percentile
-from benchmarks.results import grad_bytes
-from benchmarks.runs import socket_cluster
+from benchmarks.common import code_env, median, per_step_bytes, percentile
+from benchmarks.runs import grad_bytes, socket_cluster
 from smolcluster import codec
 from smolcluster.checkpoint import Progress
 from smolcluster.config import load_settings
@@ -38,9 +36,6 @@ from smolcluster.plan import make_plan, train_size
 from smolcluster.protocol import MsgType, read_secret
 from smolcluster.replica import Replica
 from smolcluster.sync import SyncLoop
-
-# The children run `python -m benchmarks.exchange` from their run directory.
-BENCH_ENV = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 
 
 @cache
@@ -60,24 +55,22 @@ def measure_ours(
     hidden = hidden_for(nbytes)
     out = work / f"ours-{n}-{nbytes}"
     cluster = socket_cluster(
-        out, n, data_root, steps=warmup + iters, batch_size=1, hidden=hidden, env=BENCH_ENV
+        out, n, data_root, steps=warmup + iters, batch_size=1, hidden=hidden, env=code_env()
     )
-    argv = [sys.executable, "-m", "benchmarks.exchange", "--drive", str(cluster.cluster_file)]
+    argv = [sys.executable, "-m", "benchmarks.exchange", "drive", str(cluster.cluster_file)]
     cluster.start_process(SERVER, [*argv, str(cluster.nn_file), str(out / "times.json")])
     for host in cluster.workers:
         cluster.spawn(host, "worker", "--host", host)
     cluster.wait(300, check=True)
     times = json.loads((out / "times.json").read_text())[warmup:]
     first = cluster.events(cluster.workers[0], "step")
-    return {
-        "kind": "ours",
-        "n": n,
-        "bytes": grad_bytes(hidden),
-        "iters": len(times),
-        "median_s": median(times),
-        "p90_s": percentile(times, 90),
-        "wire_ratio": per_step_bytes(first, "bytes_sent") / grad_bytes(hidden),
-    }
+    wire_ratio = per_step_bytes(first, "bytes_sent") / grad_bytes(hidden)
+    return {**_timing("ours", n, grad_bytes(hidden), times), "wire_ratio": wire_ratio}
+
+
+def _timing(kind: str, n: int, nbytes: int, times: list[float]) -> dict[str, Any]:
+    return {"kind": kind, "n": n, "bytes": nbytes, "iters": len(times),
+            "median_s": median(times), "p90_s": percentile(times, 90)}  # fmt: skip
 
 
 def drive_server(cluster_file: str, nn_file: str, out: str) -> None:
@@ -108,27 +101,15 @@ def drive_server(cluster_file: str, nn_file: str, out: str) -> None:
 
 def measure_gloo(n: int, nbytes: int, iters: int, work: Path, warmup: int = 5) -> dict[str, Any]:
     out = work / f"gloo-{n}-{nbytes}"
-    ranks = Processes(out, env=BENCH_ENV)
+    ranks = Processes(out, env=code_env())  # children: `python -m benchmarks.exchange`
     port = free_port_pair()
     for rank in range(n):
-        ranks.start_process(
-            f"rank{rank}",
-            [
-                sys.executable, "-m", "benchmarks.exchange", "--rank", str(rank), "--n", str(n),
-                "--bytes", str(nbytes), "--iters", str(iters), "--warmup", str(warmup),
-                "--port", str(port), "--out", str(out / "times.json"),
-            ],
-        )  # fmt: skip
+        spec = {"rank": rank, "n": n, "nbytes": nbytes, "iters": iters, "warmup": warmup,
+                "port": port, "out": str(out / "times.json")}  # fmt: skip
+        argv = [sys.executable, "-m", "benchmarks.exchange", "gloo", json.dumps(spec)]
+        ranks.start_process(f"rank{rank}", argv)
     ranks.wait(300, check=True)
-    times = json.loads((out / "times.json").read_text())
-    return {
-        "kind": "gloo",
-        "n": n,
-        "bytes": nbytes,
-        "iters": len(times),
-        "median_s": median(times),
-        "p90_s": percentile(times, 90),
-    }
+    return _timing("gloo", n, nbytes, json.loads((out / "times.json").read_text()))
 
 
 def measure(n: int, nbytes: int, iters: int, work: Path, data_root: Path) -> dict[str, Any]:
@@ -144,41 +125,37 @@ def measure(n: int, nbytes: int, iters: int, work: Path, data_root: Path) -> dic
     }
 
 
-def gloo_rank(a: argparse.Namespace) -> None:
+def gloo_rank(rank: int, n: int, nbytes: int, iters: int, warmup: int, port: int, out: str) -> None:
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     dist.init_process_group(
         "gloo",
-        init_method=f"tcp://{LOOPBACK}:{a.port}",
-        rank=a.rank,
-        world_size=a.n,
+        init_method=f"tcp://{LOOPBACK}:{port}",
+        rank=rank,
+        world_size=n,
         timeout=timedelta(seconds=120),
     )
-    tensor = torch.ones(a.bytes // 4)
+    tensor = torch.ones(nbytes // 4)
     times = []
-    for i in range(a.warmup + a.iters):
+    for i in range(warmup + iters):
         t0 = time.perf_counter()
         dist.all_reduce(tensor)
-        tensor.div_(a.n)  # an average, like ours
-        if i >= a.warmup:
+        tensor.div_(n)  # an average, like ours
+        if i >= warmup:
             times.append(time.perf_counter() - t0)
     dist.barrier()
     dist.destroy_process_group()
-    if a.rank == 0:
-        Path(a.out).write_text(json.dumps(times))
+    if rank == 0:
+        Path(out).write_text(json.dumps(times))
 
 
 def main(argv: list[str] | None = None) -> int:
-    """A child of this benchmark: the server end (--drive) or one gloo rank."""
-    p = argparse.ArgumentParser(prog="python -m benchmarks.exchange")
-    p.add_argument("--drive", nargs=3, metavar=("CLUSTER_YAML", "NN_YAML", "OUT"))
-    for flag in ("--rank", "--n", "--bytes", "--iters", "--warmup", "--port"):
-        p.add_argument(flag, type=int)
-    p.add_argument("--out")
-    a = p.parse_args(argv)
-    if a.drive:
-        drive_server(*a.drive)
+    """A child of this benchmark: `drive CLUSTER_YAML NN_YAML OUT` (the server end) or
+    `gloo JSON` (one rank; JSON holds gloo_rank's arguments)."""
+    kind, *args = sys.argv[1:] if argv is None else argv
+    if kind == "drive":
+        drive_server(*args)
     else:
-        gloo_rank(a)
+        gloo_rank(**json.loads(args[0]))
     return 0
 
 

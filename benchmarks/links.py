@@ -1,29 +1,22 @@
-"""The benchmark modes across shaped links: throwaway network namespaces with link profiles.
+"""The benchmark modes across shaped links, in throwaway network namespaces (root only).
 
     sudo .venv/bin/python -m benchmarks.run --links all --workers 3 --steps 60
 
-Builds its OWN namespaces (prefix `sclbench-<pid>-`, never the lab's `scl-`): one bridge
-namespace (`...br`, a bridge br0: the switch) and one namespace per host (`...h0` the server,
-`...h1`.. the workers), each joined to the bridge by a veth (`eth0` in the host, `h<i>` on the
-bridge). Addresses are 10.10.0.<i+1>/24 as on the cluster's Thunderbolt fabric, and exist only
-inside these namespaces: the root namespace never gets an address or route of that subnet,
-and nothing is sent to it from the root namespace (the network rule). Processes run with
-`ip netns exec <ns> <python> -m smolcluster ...`.
-
-A profile shapes BOTH ends of every host's veth, so each direction of each host's link is
-limited: the host side (host -> switch) and the bridge side (switch -> host). With sch_netem,
-`netem delay (RTT/4) rate R` (a packet crosses two shapers each way, so RTT = 4 x delay);
-without it (this kernel), `tbf rate R burst B latency L`: rate only, NO added delay. Which one
-was used is printed with every table.
-
-Every namespace is deleted on the way out (try/finally, SIGINT/SIGTERM/SIGHUP turned into
-exceptions, atexit as a last resort), after killing every process in it (`ip netns pids`).
-Namespaces left by a killed earlier run (owner pid gone) are removed on the next start.
+Its OWN namespaces (prefix `sclbench-<pid>-`, never the lab's `scl-`): `...br` holds a bridge
+br0 (the switch), `...h0` the server, `...h1`.. the workers, each host joined to the bridge by a
+veth (`eth0` in the host, `h<i>` on the bridge) with 10.10.0.<i+1>/24 as on the cluster's
+Thunderbolt fabric. Both ends of a veth are created inside their namespaces: the root
+namespace never gets an address or route of that subnet, nor sends to it (the network rule).
+A profile shapes both ends of every veth (each direction of each link) with `tbf rate R burst
+B latency L`: rate only, NO added delay (this machine's kernel has no sch_netem to emulate
+latency with, so no netem path is kept that could not be run; docs/benchmarks.md).
+Teardown kills every process in each namespace (`ip netns pids`) and deletes it when the
+fabric's `with` block ends, however it ends (SIGTERM and SIGHUP raise SystemExit as Ctrl-C
+raises KeyboardInterrupt); namespaces of a SIGKILLed run (owner pid gone) go at the next start.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import json
 import os
@@ -37,7 +30,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from benchmarks.results import RunResult
+from benchmarks.runs import RunResult
 from smolcluster.harness import SERVER, worker_names
 
 PREFIX = "sclbench-"
@@ -52,7 +45,6 @@ class Profile:
     key: str
     label: str
     rate_mbit: float | None  # None: unshaped
-    rtt_ms: float | None  # used only with netem
 
     def burst_bytes(self) -> int:
         """tbf bucket: 1 ms at the rate, at least 64 KiB (small next to a step's MBs)."""
@@ -67,10 +59,10 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     p.key: p
     for p in (
-        Profile("veth", "unshaped veth", None, None),
-        Profile("tb", "Thunderbolt 10gbit", 10_000, 0.3),
-        Profile("gbe", "GbE 940mbit", 940, 0.2),
-        Profile("wifi", "Wi-Fi 200mbit", 200, 4.0),
+        Profile("veth", "unshaped veth", None),
+        Profile("tb", "Thunderbolt 10gbit", 10_000),
+        Profile("gbe", "GbE 940mbit", 940),
+        Profile("wifi", "Wi-Fi 200mbit", 200),
     )
 }
 
@@ -134,25 +126,14 @@ def kill_and_delete(names: list[str]) -> list[str]:
     return [ns for ns in names if ns in existing]
 
 
-def remove_stale() -> list[str]:
+def remove_stale() -> None:
     """Namespaces of an earlier run whose process is gone (killed with SIGKILL, say)."""
-    stale = []
-    for ns in our_namespaces():
-        owner = ns[len(PREFIX) :].split("-", 1)[0]
-        if owner.isdigit() and int(owner) != os.getpid() and not Path(f"/proc/{owner}").exists():
-            stale.append(ns)
-    if stale:
-        kill_and_delete(stale)
-    return stale
+    owners = {ns: ns[len(PREFIX) :].split("-", 1)[0] for ns in our_namespaces()}
+    kill_and_delete([ns for ns, pid in owners.items() if not Path(f"/proc/{pid}").exists()])
 
 
-def netem_available(ns: str) -> bool:
-    """Try a netem qdisc on the namespace's loopback (the kernel may lack sch_netem)."""
-    ok = _run("tc", "-n", ns, "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms",
-              check=False).returncode == 0  # fmt: skip
-    if ok:
-        _run("tc", "-n", ns, "qdisc", "del", "dev", "lo", "root", check=False)
-    return ok
+def _stop(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # unwinds through every finally, then Fabric.__exit__
 
 
 class Fabric:
@@ -166,9 +147,6 @@ class Fabric:
         self.hosts = hosts
         self.tag = f"{PREFIX}{os.getpid()}-"
         self.bridge = f"{self.tag}br"
-        self.netem = False
-        self.shaping = "none"
-        self._old: dict[int, Any] = {}
         self._up = False
 
     def ns(self, i: int) -> str:
@@ -177,43 +155,21 @@ class Fabric:
     def addr(self, i: int) -> str:
         return f"{SUBNET}.{i + 1}"
 
-    def launch(self, i: int) -> list[str]:
-        return ["ip", "netns", "exec", self.ns(i)]
-
     def names(self) -> list[str]:
         return [self.bridge, *(self.ns(i) for i in range(self.hosts))]
 
     def __enter__(self) -> Fabric:
-        self._trap()
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _stop)
         try:
             self.up()
         except BaseException:
             self.down()
-            self._untrap()
             raise
         return self
 
     def __exit__(self, *exc: object) -> None:
-        try:
-            self.down()
-        finally:
-            self._untrap()
-
-    def _trap(self) -> None:
-        def stop(signum: int, frame: FrameType | None) -> None:
-            raise SystemExit(128 + signum)  # unwinds through every finally, then __exit__
-
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            self._old[sig] = signal.signal(sig, stop)
-        # SIGINT already raises KeyboardInterrupt unless someone replaced the handler.
-        self._old[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
-        atexit.register(self.down)
-
-    def _untrap(self) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        self._old.clear()
-        atexit.unregister(self.down)
+        self.down()
 
     def up(self) -> None:
         reason = unavailable_reason() or root_uses_subnet()
@@ -223,84 +179,64 @@ class Fabric:
         if our_namespaces(self.tag):
             raise RuntimeError(f"namespaces {our_namespaces(self.tag)} exist already")
         self._up = True
-        _run("ip", "netns", "add", self.bridge)
-        _run("ip", "-n", self.bridge, "link", "set", "lo", "up")
-        _run("ip", "-n", self.bridge, "link", "add", "br0", "type", "bridge")
-        _run("ip", "-n", self.bridge, "link", "set", "br0", "up")
+        br = self.bridge
+        _run("ip", "netns", "add", br)
+        _run("ip", "-n", br, "link", "set", "lo", "up")
+        _run("ip", "-n", br, "link", "add", "br0", "type", "bridge")
+        _run("ip", "-n", br, "link", "set", "br0", "up")
         for i in range(self.hosts):
             ns, port = self.ns(i), f"h{i}"
             _run("ip", "netns", "add", ns)
             _run("ip", "-n", ns, "link", "set", "lo", "up")
             # Both ends are created directly inside their namespaces: never in the root one.
             _run("ip", "link", "add", IFNAME, "netns", ns, "type", "veth",
-                 "peer", "name", port, "netns", self.bridge)  # fmt: skip
-            _run("ip", "-n", self.bridge, "link", "set", port, "master", "br0")
-            _run("ip", "-n", self.bridge, "link", "set", port, "up")
+                 "peer", "name", port, "netns", br)  # fmt: skip
+            _run("ip", "-n", br, "link", "set", port, "master", "br0", "up")
             _run("ip", "-n", ns, "addr", "add", f"{self.addr(i)}/24", "dev", IFNAME)
             _run("ip", "-n", ns, "link", "set", IFNAME, "up")
-        self.netem = netem_available(self.bridge)
-        reason = root_uses_subnet()
-        if reason:  # cannot happen through us; refuse anyway
-            raise RuntimeError(reason)
-        self.wait_reachable()
+        if shutil.which("ping"):  # else the workers' dial retries cover the wait
+            self.wait_reachable()
 
     def wait_reachable(self, timeout: float = 10.0) -> None:
         """Bridge ports take a moment to forward; every host must reach the server first."""
         deadline = time.monotonic() + timeout
         for i in range(1, self.hosts):
-            while True:
-                ping = _run("ip", "netns", "exec", self.ns(i), "ping", "-c", "1", "-W", "1",
-                            self.addr(0), check=False)  # fmt: skip
-                if ping.returncode == 0:
-                    break
-                if not shutil.which("ping"):
-                    return  # no ping: the workers' dial retries cover the wait
+            ping = ["ip", "netns", "exec", self.ns(i), "ping", "-c", "1", "-W", "1", self.addr(0)]
+            while _run(*ping, check=False).returncode:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{self.ns(i)} cannot reach {self.addr(0)}")
                 time.sleep(0.2)
 
-    def _ends(self) -> list[tuple[str, str]]:
-        """(namespace, device) of both ends of every host's cable."""
-        ends = []
+    def _ends(self) -> dict[str, tuple[str, str]]:
+        """(namespace, device) of both ends of every host's cable: 'h<i> up' sends host ->
+        switch, 'h<i> down' switch -> host."""
+        ends = {}
         for i in range(self.hosts):
-            ends += [(self.ns(i), IFNAME), (self.bridge, f"h{i}")]
+            ends |= {f"h{i} up": (self.ns(i), IFNAME), f"h{i} down": (self.bridge, f"h{i}")}
         return ends
 
     def apply(self, profile: Profile) -> str:
         """Shape every cable end with `profile`; returns how (printed with the table)."""
-        for ns, dev in self._ends():
+        for ns, dev in self._ends().values():
             _run("tc", "-n", ns, "qdisc", "del", "dev", dev, "root", check=False)
         if profile.rate_mbit is None:
-            self.shaping = "none (veth default qdisc, no shaping, no delay)"
-            return self.shaping
-        rate = f"{profile.rate_mbit:g}mbit"
-        if self.netem:
-            delay_us = round(1000 * (profile.rtt_ms or 0) / 4)
-            spec = ["netem", "delay", f"{delay_us}us", "rate", rate, "limit", "10000"]
-            self.shaping = (
-                f"netem delay {delay_us}us rate {rate} on both ends of every host's veth "
-                f"(RTT ≈ {profile.rtt_ms} ms)"
-            )
-        else:
-            burst = profile.burst_bytes()
-            spec = ["tbf", "rate", rate, "burst", str(burst), "latency", f"{TBF_LATENCY_MS}ms"]
-            self.shaping = (
-                f"tbf rate {rate} burst {burst} latency {TBF_LATENCY_MS}ms on both ends of every "
-                "host's veth; rate only, NO added delay (this kernel has no sch_netem)"
-            )
-        for ns, dev in self._ends():
+            return "none (veth default qdisc, no shaping, no delay)"
+        rate, burst = f"{profile.rate_mbit:g}mbit", profile.burst_bytes()
+        spec = ["tbf", "rate", rate, "burst", str(burst), "latency", f"{TBF_LATENCY_MS}ms"]
+        for ns, dev in self._ends().values():
             _run("tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", *spec)
-        return self.shaping
+        return (
+            f"tbf rate {rate} burst {burst} latency {TBF_LATENCY_MS}ms on both ends of every "
+            "host's veth; rate only, NO added delay (no sch_netem)"
+        )
 
     def qdisc_bytes(self) -> dict[str, int]:
-        """Bytes each cable end's root qdisc has sent: 'h<i> up' (host -> switch) and
-        'h<i> down' (switch -> host). Counts every byte on the wire, headers included."""
+        """Bytes each cable end's root qdisc has sent, every byte on the wire (headers too)."""
         out: dict[str, int] = {}
-        for i in range(self.hosts):
-            for side, (ns, dev) in (("up", (self.ns(i), IFNAME)), ("down", (self.bridge, f"h{i}"))):
-                shown = _run("tc", "-s", "-j", "-n", ns, "qdisc", "show", "dev", dev).stdout
-                roots = [q for q in json.loads(shown or "[]") if q.get("root")]
-                out[f"h{i} {side}"] = int(roots[0]["bytes"]) if roots else 0
+        for end, (ns, dev) in self._ends().items():
+            shown = _run("tc", "-s", "-j", "-n", ns, "qdisc", "show", "dev", dev).stdout
+            roots = [q for q in json.loads(shown or "[]") if q.get("root")]
+            out[end] = int(roots[0]["bytes"]) if roots else 0
         return out
 
     def down(self) -> None:
@@ -314,10 +250,8 @@ class Fabric:
 
 @dataclass
 class LinkRun:
-    profile: str
+    profile: Profile
     shaping: str
-    rate_bytes_per_s: float
-    burst_bytes: int
     result: RunResult
     wire: dict[str, int] = field(default_factory=dict)  # qdisc bytes during the run
     hosts: dict[str, int] = field(default_factory=dict)  # run's host name -> fabric index
@@ -326,19 +260,12 @@ class LinkRun:
         return max(self.wire.items(), key=lambda kv: kv[1]) if self.wire else ("-", 0)
 
     def as_dict(self) -> dict[str, Any]:
-        link, nbytes = self.busiest()
-        return {
-            "profile": self.profile,
-            "shaping": self.shaping,
-            "rate_bytes_per_s": self.rate_bytes_per_s,
-            "burst_bytes": self.burst_bytes,
-            "wire_bytes": self.wire,
-            "hosts": self.hosts,
-            "busiest_link": link,
-            "busiest_link_bytes": nbytes,
-            **self.result.as_dict(),
-            "steps_events": self.result.steps_events,
-        }
+        p, (link, nbytes) = self.profile, self.busiest()
+        burst = p.burst_bytes() if p.rate_mbit else 0
+        return {"profile": p.key, "shaping": self.shaping, "rate_bytes_per_s": p.rate_bytes_per_s,
+                "burst_bytes": burst, "hosts": self.hosts, "wire_bytes": self.wire,
+                "busiest_link": link, "busiest_link_bytes": nbytes, **self.result.as_dict(),
+                "steps_events": self.result.steps_events}  # fmt: skip
 
 
 def placement(fabric: Fabric, n: int, gloo: bool) -> tuple[dict[str, Any], dict]:
@@ -356,7 +283,7 @@ def placement(fabric: Fabric, n: int, gloo: bool) -> tuple[dict[str, Any], dict]
         hosts = {name: i for i, name in enumerate([SERVER, *worker_names(n)])}
         server = fabric.addr(0)
         kw = {"extra": {"host_ip": dict.fromkeys(hosts, server), "bind_address": server}}
-    kw["launch"] = lambda host: fabric.launch(hosts[host])
+    kw["launch"] = lambda host: ["ip", "netns", "exec", fabric.ns(hosts[host])]
     return kw, hosts
 
 
@@ -372,7 +299,7 @@ def run_profiles(
     """Every mode at every N under every profile, on one fabric built for the largest N."""
     runs: list[LinkRun] = []
     with Fabric(max(workers) + 1) as fabric:
-        log(f"  namespaces: {' '.join(fabric.names())} (netem: {fabric.netem})")
+        log(f"  namespaces: {' '.join(fabric.names())}")
         for profile in profiles:
             shaping = fabric.apply(profile)
             log(f"  profile {profile.label}: {shaping}")
@@ -385,21 +312,8 @@ def run_profiles(
                     result = fn(n, steps, out, **kw)
                     after = fabric.qdisc_bytes()
                     wire = {k: after[k] - before[k] for k in after if after[k] > before[k]}
-                    runs.append(
-                        LinkRun(
-                            profile=profile.key,
-                            shaping=shaping,
-                            rate_bytes_per_s=profile.rate_bytes_per_s,
-                            burst_bytes=profile.burst_bytes() if profile.rate_mbit else 0,
-                            result=result,
-                            wire=wire,
-                            hosts=hosts,
-                        )
-                    )
-    left = our_namespaces(fabric.tag)
-    if left:
-        raise RuntimeError(f"namespaces left after teardown: {left}")
-    return runs
+                    runs.append(LinkRun(profile, shaping, result, wire, hosts))
+    return runs  # Fabric.down raised if a namespace was left
 
 
 def busiest_payload(run: LinkRun) -> tuple[str, float]:
@@ -411,9 +325,3 @@ def busiest_payload(run: LinkRun) -> tuple[str, float]:
     if run.hosts and all(h.startswith("rank") for h in run.hosts):
         return "every rank's link", per_worker
     return "server link", r.workers * per_worker
-
-
-def transfer_floor_ms(run: LinkRun) -> float:
-    """Busiest link's payload bytes per step ÷ the rate: the least time per step the link
-    allows (headers, and the tbf bucket's burst, ignored)."""
-    return 1e3 * busiest_payload(run)[1] / run.rate_bytes_per_s

@@ -1,8 +1,7 @@
 """Where a sync step's time goes, per process: py-spy over a real N-worker run on loopback.
 
-    python -m benchmarks.profile_sync                      # N=3, 8 s window, this checkout
-    python -m benchmarks.profile_sync --code DIR ...       # another checkout's trainer first
-                                                           # on PYTHONPATH (before/after)
+    python -m benchmarks.run --only profile                 # N=3, 8 s window, this checkout
+    python -m benchmarks.run --only profile --code A B A B  # checkouts' trainers, interleaved
 
 The real `smolcluster server` + N `smolcluster worker` processes (benchmarks.runs.socket_cluster,
 sync fp32, batch 32, one torch thread each) train a long run; once 20 steps are done, py-spy
@@ -18,17 +17,15 @@ shared machine only the ratios of one run compare.
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 
-from benchmarks.common import REPO, default_data_root, median, prepare_data
+from benchmarks.common import code_env, median, table
 from benchmarks.runs import socket_cluster
 
 
@@ -82,12 +79,19 @@ def read_profile(path: Path, kinds: list[str]) -> dict[str, Counter[str]]:
     return shares
 
 
+def pyspy_path() -> Path | None:
+    """py-spy (the dev extra) on PATH or next to this interpreter, else None."""
+    found = shutil.which("py-spy") or shutil.which("py-spy", path=Path(sys.executable).parent)
+    return Path(found) if found else None
+
+
 def profile(code: Path, n: int, seconds: float, rate: int, work: Path, data_root: Path) -> str:
     """Start a long run, attach py-spy to the server and one worker for `seconds` once 20
     steps are done (so start-up and joining are not in the window), then stop the run."""
-    pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    env = {"PYTHONPATH": os.pathsep.join([str(code), str(REPO)])}
-    cluster = socket_cluster(work / "run", n, data_root, steps=100_000, epochs=100, env=env)
+    pyspy = str(pyspy_path())
+    cluster = socket_cluster(
+        work / "run", n, data_root, steps=100_000, epochs=100, env=code_env(code)
+    )
     worker = cluster.workers[0]
     try:
         cluster.start()
@@ -117,54 +121,25 @@ def profile(code: Path, n: int, seconds: float, rate: int, work: Path, data_root
     }
     profiles = read_profile(work / "mini1.txt", ["server main", "server readers"])
     profiles |= read_profile(work / f"{worker}.txt", ["worker main"])
-    names = [name for name, _ in BUCKETS] + [OTHER]
     waiting = BUCKETS[2][0]
-    lines = [
-        f"# sync fp32, N={n}, py-spy {rate} Hz for {seconds:.0f} s ({len(server_steps)} steps),"
+    rows = []
+    for name in [*(name for name, _ in BUCKETS), OTHER]:
+        cells = []
+        for c in profiles.values():
+            share = f"{100 * c[name] / max(1, sum(c.values())):.1f}"
+            busy = f" ({100 * c[name] / max(1, sum(c.values()) - c[waiting]):.0f})"
+            cells.append(share if name == waiting else share + busy)
+        if any(c[name] for c in profiles.values()):
+            rows.append([name, *cells])
+    rows.append(["samples", *(str(sum(c.values())) for c in profiles.values())])
+    return "\n".join([
+        f"sync fp32, N={n}, py-spy {rate} Hz for {seconds:.0f} s ({len(server_steps)} steps),"
         f" code {code}, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
         "",
         "% of the thread's samples (in brackets: % of its busy samples, i.e. not waiting)",
         "",
-        "| bucket | " + " | ".join(profiles) + " |",
-        "|---|" + "---|" * len(profiles),
-    ]
-    for name in names:
-        cells = []
-        for c in profiles.values():
-            busy = sum(c.values()) - c[waiting]
-            share = f"{100 * c[name] / max(1, sum(c.values())):.1f}"
-            cells.append(
-                share if name == waiting else f"{share} ({100 * c[name] / max(1, busy):.0f})"
-            )
-        if any(c[name] for c in profiles.values()):
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines.append(
-        "| samples | " + " | ".join(str(sum(c.values())) for c in profiles.values()) + " |"
-    )
-    lines += ["", "step timers (median over the window, ms): "]
-    lines.append(", ".join(f"{k} {1000 * v:.2f}" for k, v in timers.items()))
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workers", type=int, default=3)
-    p.add_argument("--seconds", type=float, default=8.0, help="profile window")
-    p.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
-    p.add_argument("--code", type=Path, nargs="+", default=[REPO], help="checkouts to profile")
-    p.add_argument("--work-dir", type=Path, help="keep profiles and logs here (default: temp)")
-    a = p.parse_args(argv)
-    data_root = default_data_root().resolve()
-    prepare_data(data_root)
-    with tempfile.TemporaryDirectory() as tmp:
-        if a.work_dir:
-            a.work_dir.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(dir=a.work_dir)) if a.work_dir else Path(tmp)
-        for i, code in enumerate(a.code):
-            print(profile(code.resolve(), a.workers, a.seconds, a.rate, work / str(i), data_root))
-            print()
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+        table("bucket|" + "|".join(profiles), rows),
+        "",
+        "step timers (median over the window, ms): "
+        + ", ".join(f"{k} {1000 * v:.2f}" for k, v in timers.items()),
+    ])  # fmt: skip

@@ -1,4 +1,5 @@
-"""One benchmark run of each kind, through the shared harness (smolcluster/harness.py).
+"""One benchmark run of each kind, through the shared harness (smolcluster/harness.py), and
+the numbers its JSONL metrics give for a table row.
 
 Socket modes (a)-(c): the real `smolcluster server` + N `smolcluster worker` processes.
 Mode (d): N `python -m smolcluster.gloo_backend` DDP ranks that all train (rank 0 also
@@ -9,15 +10,141 @@ processes write (the same files the Ansible report reads).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import CpuWindow, cpu_marks
-from benchmarks.results import RunResult, summarize_elastic, summarize_gloo, summarize_socket
-from smolcluster.harness import LOOPBACK, SERVER, GlooRanks, LocalCluster, count_events
+from benchmarks.common import CpuWindow, cpu_marks, median, per_step_bytes, percentile
+from smolcluster.harness import LOOPBACK, SERVER, GlooRanks, LocalCluster, Processes, count_events
+from smolcluster.model import build_model
 
 EVAL_NEVER = 1_000_000  # eval_steps: only the final evaluation
+
+
+@cache
+def grad_bytes(hidden: int = 128) -> int:
+    """Raw fp32 gradient bytes of the benchmarked model (one value per parameter)."""
+    return 4 * sum(p.numel() for p in build_model("SimpleNN", 784, hidden, 10, 0).parameters())
+
+
+@dataclass
+class RunResult:
+    mode: str
+    workers: int
+    batch_size: int
+    steps: int
+    step_ms_median: float
+    step_ms_p90: float
+    samples_per_s: float  # samples of all workers per second of median step
+    sent_per_step: float  # bytes one worker sends per step (mean over workers)
+    recv_per_step: float  # bytes one worker receives per step
+    comm_fraction: float  # share of the step spent communicating (how: comm_how)
+    comm_how: str
+    final_accuracy: float | None = None
+    cpu_ms_per_step: float = float("nan")  # CPU of all the run's processes per step
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    steps_events: list[dict[str, Any]] = field(default_factory=list)
+    note: str = ""
+
+    @property
+    def sent_ratio(self) -> float:
+        return self.sent_per_step / grad_bytes()
+
+    @property
+    def recv_ratio(self) -> float:
+        return self.recv_per_step / grad_bytes()
+
+    def as_dict(self) -> dict[str, Any]:
+        row = asdict(self)
+        row.pop("evals")
+        row.pop("steps_events")
+        row.update(sent_ratio=self.sent_ratio, recv_ratio=self.recv_ratio, grad_bytes=grad_bytes())
+        return row
+
+
+def _timed(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Steps after warm-up (the first few carry connection set-up and allocator growth)."""
+    skip = min(3, len(steps) // 4)
+    return steps[skip:]
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _measured(
+    run: Processes, lead: str, times: list[float], samples: float, sent: list, recv: list
+) -> dict[str, Any]:
+    """RunResult fields from per-step times (s), samples per step and per-process byte rates;
+    the final accuracy, evals and step events are the `lead` process's (server, gloo rank 0)."""
+    summary, step = run.events(lead, "summary"), median(times)
+    return dict(
+        step_ms_median=1e3 * step, step_ms_p90=1e3 * percentile(times, 90),
+        samples_per_s=samples / step if step > 0 else float("nan"),
+        sent_per_step=_mean(sent), recv_per_step=_mean(recv),
+        final_accuracy=summary[0].get("final_accuracy") if summary else None,
+        evals=run.events(lead, "eval"), steps_events=run.events(lead, "step"),
+    )  # fmt: skip
+
+
+def summarize_gloo(n: int, batch_size: int, ranks: GlooRanks) -> RunResult:
+    per_rank = [ranks.events(h, "step") for h in ranks.hosts]
+    timed = _timed(per_rank[0])
+    comm = median([s["comm_s"] / s["step_time_s"] for s in timed if s["step_time_s"] > 0])
+    summary = ranks.events("rank0", "summary")
+    sent, recv = ([per_step_bytes(s, k) for s in per_rank] for k in ("bytes_sent", "bytes_recv"))
+    return RunResult(
+        "gloo DDP", n, batch_size, len(per_rank[0]), comm_fraction=comm,
+        comm_how="DDP comm hook: all-reduce launch to completion / step time",
+        note=f"bytes: {summary[0].get('bytes_source', '?') if summary else '?'}",
+        **_measured(ranks, "rank0", [s["step_time_s"] for s in timed], n * batch_size, sent, recv),
+    )  # fmt: skip
+
+
+def summarize_socket(mode: str, n: int, batch_size: int, cluster: LocalCluster) -> RunResult:
+    steps = cluster.events(SERVER, "step")
+    timed = _timed(steps)
+    times = [s["step_time_s"] for s in timed]
+    per_worker = [cluster.events(w, "step") for w in cluster.workers]
+    # 1 - worker compute / server step: compute_s includes sending GRADS (a slight under-count).
+    compute = [s["compute_s"] for steps in per_worker for s in _timed(steps) if "compute_s" in s]
+    comm = max(0.0, 1 - median(compute) / median(times)) if compute else float("nan")
+    how = "1 - median worker compute_s (fwd+bwd+GRADS send) / median server step time"
+    samples = median([s.get("samples", n * batch_size) for s in timed])
+    sent, recv = ([per_step_bytes(s, k) for s in per_worker] for k in ("bytes_sent", "bytes_recv"))
+    return RunResult(
+        mode, n, batch_size, len(steps), comm_fraction=comm, comm_how=how,
+        **_measured(cluster, SERVER, times, samples, sent, recv),
+    )  # fmt: skip
+
+
+def summarize_elastic(
+    mode: str, n: int, batch_size: int, k: int, cluster: LocalCluster
+) -> RunResult:
+    """Elastic rows: a worker logs one step event per push, every k local steps, so per-step
+    numbers are intervals between its pushes divided by the local steps in between."""
+    per_worker = [cluster.events(w, "step") for w in cluster.workers]
+    local_times, sent, recv = [], [], []
+    for steps in per_worker:
+        for a, b in itertools.pairwise(steps):
+            local_times.append((b["wall"] - a["wall"]) / (b["step"] - a["step"]))
+        if len(steps) >= 2:
+            span = steps[-1]["step"] - steps[0]["step"]
+            sent.append((steps[-1]["bytes_sent"] - steps[0]["bytes_sent"]) / span)
+            recv.append((steps[-1]["bytes_recv"] - steps[0]["bytes_recv"]) / span)
+        elif steps:  # one push: count from the start (includes the initial weights)
+            sent.append(steps[0]["bytes_sent"] / steps[0]["step"])
+            recv.append(steps[0]["bytes_recv"] / steps[0]["step"])
+    return RunResult(
+        mode, n, batch_size, max((s[-1]["step"] for s in per_worker if s), default=0),
+        comm_fraction=float("nan"),
+        comm_how=f"elastic: one push/pull every {k} local steps (not split per step)",
+        note=f"per local step, averaged over pushes every {k} steps",
+        **_measured(cluster, SERVER, local_times, n * batch_size, sent, recv),
+    )  # fmt: skip
 
 
 def socket_cluster(

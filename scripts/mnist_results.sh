@@ -41,28 +41,19 @@ row() {
   local dir="$out/$name" hosts=(mini2 mini3 pi5)
   [[ $events == *join:* ]] && hosts+=(pi4)
   rm -rf "$dir" && mkdir -p "$dir"
-  python - "$dir" "$out/data" "$epochs" "${hosts[*]}" "$@" <<'PY'
-import socket, sys, yaml
+  python - "$dir" "$out/data" "$epochs" "${#hosts[@]}" "$@" <<'PY'
+import sys, yaml
 from pathlib import Path
-from smolcluster.protocol import write_secret
-d, data, epochs, hosts, *pairs = sys.argv[1:]
+from smolcluster.harness import LocalCluster
+d, data, epochs, n, *pairs = sys.argv[1:]
 extra = {k: yaml.safe_load(v) for k, v in (p.split("=", 1) for p in pairs)}
 nn_keys = {"lr_schedule", "eval_steps", "max_steps"}
-with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-workers = hosts.split()
-cluster = {"host_ip": dict.fromkeys(["mini1", *workers], "127.0.0.1"), "port": port,
-           "num_workers": len(workers), "workers": workers, "server": "mini1", "seed": 42,
-           "bind_address": "127.0.0.1", "secret_file": "secret", "metrics_dir": "metrics",
-           "wandb_mode": "disabled", "torch_threads": 1, "step_timeout_s": 20.0,
-           **{k: v for k, v in extra.items() if k not in nn_keys}}
-nn = {"batch_size": 32, "learning_rate": 0.001, "num_epochs": int(epochs), "eval_steps": 125,
-      "track_gradients": False, "dataset": {"name": "MNIST", "root": str(Path(data).resolve())},
-      **{k: v for k, v in extra.items() if k in nn_keys}}
-Path(d, "cluster_config.yaml").write_text(yaml.safe_dump(cluster))
-Path(d, "nn_config.yaml").write_text(yaml.safe_dump(nn))
-write_secret(Path(d, "secret"))
+# Writes the two configs and the secret, as for the tests; workers mini2 mini3 pi5 (pi4);
+# join_timeout_s: the trainer's default, not the tests' 120 s (full MNIST starts slowly).
+cluster = {"step_timeout_s": 20.0, "join_timeout_s": 300.0}
+LocalCluster(Path(d), Path(data).resolve(), int(n),
+             cluster={**cluster, **{k: v for k, v in extra.items() if k not in nn_keys}},
+             nn={"num_epochs": int(epochs), "eval_steps": 125, **{k: v for k, v in extra.items() if k in nn_keys}})
 PY
   local args=(--cluster-config "$dir/cluster_config.yaml" --nn-config "$dir/nn_config.yaml")
   smolcluster server "${args[@]}" >"$dir/mini1.log" 2>&1 &

@@ -35,7 +35,9 @@ def test_harness_end_to_end(tmp_path: Path, offline_digits_root: Path) -> None:
         "--tta-accuracy", "0.3", "--tta-eval-steps", "5", "--tta-max-steps", "15",
         "--local-steps", "4",
         "--study", "slow", "--study-epochs", "1", "--study-max-steps", "12", "--study-k", "4",
-        "--no-rss",  # two N=3 runs on full MNIST; tests/test_rss_benchmark.py covers the harness
+        # not rss (two N=3 runs on full MNIST; tests/test_rss_benchmark.py covers the harness)
+        # nor profile (py-spy; its parser is covered below)
+        "--only", "e2e", "exchange", "tta", "study", "crypto",
         "--json", str(out),
     ]  # fmt: skip
     proc = subprocess.run(
@@ -52,6 +54,7 @@ def test_harness_end_to_end(tmp_path: Path, offline_digits_root: Path) -> None:
         "## End to end",
         "## Exchange only",
         "## Time to 30% test accuracy",
+        "## Encryption: seal/open passes",
     ):
         assert heading in text, text
     for mode in ("sync fp32", "sync int8", "gloo DDP"):
@@ -108,6 +111,16 @@ def test_harness_end_to_end(tmp_path: Path, offline_digits_root: Path) -> None:
     assert len({r["samples"] for r in study.values()}) == 1, study
     assert all(r["wall_s"] > 0 and 0 <= r["final_accuracy"] <= 1 for r in study.values())
     assert report["machine"]["nproc"] and report["machine"]["torch"]
+    assert re.search(r"^# smolcluster benchmarks, .*, commit \w+", text, re.MULTILINE), text
+    assert "load average (1, 5, 15 min)" in text, text
+    # Encryption: real seal/open seconds against this run's sync fp32 step, one row for N=2.
+    (crypto,) = report["encryption"]
+    assert crypto["n"] == 2 and crypto["bytes"] == report["grad_bytes"]
+    assert 0 < crypto["seal_s"] < crypto["step_s"] and 0 < crypto["open_s"] < crypto["step_s"]
+    assert crypto["step_s"] == pytest.approx(rows["sync fp32"]["step_ms_median"] / 1e3)
+    assert crypto["server_share"] == pytest.approx(
+        (crypto["seal_s"] + 2 * crypto["open_s"]) / crypto["step_s"]
+    )
 
 
 def test_statistics_helpers() -> None:
@@ -181,12 +194,7 @@ def test_links_end_to_end(tmp_path: Path, offline_digits_root: Path) -> None:
     for row in rows.values():
         assert row["profile"] == "wifi" and row["workers"] == 2 and row["steps"] == 8
         assert row["rate_bytes_per_s"] == rate
-        if report["netem"]:
-            assert row["shaping"].startswith("netem delay")
-        else:
-            assert (
-                row["shaping"].startswith("tbf rate 200mbit") and "NO added delay" in row["shaping"]
-            )
+        assert row["shaping"].startswith("tbf rate 200mbit") and "NO added delay" in row["shaping"]
     sync, gloo = rows["sync fp32"], rows["gloo DDP"]
     grads = report["grad_bytes"]
     # Every fp32 step moves the gradients plus ~100 B of framing each way; gloo's ring at N=2
@@ -275,3 +283,21 @@ def test_links_refuses_clearly(
     assert [p.key for p in links.choose_profiles(["all"])] == ["veth", "tb", "gbe", "wifi"]
     assert links.PROFILES["gbe"].burst_bytes() == 117_500  # 1 ms at 940 Mbit/s
     assert links.PROFILES["wifi"].burst_bytes() == 64 * 1024  # the 64 KiB minimum
+
+
+def test_parts_and_modes_chosen_by_flags() -> None:
+    """--modes picks by any word of a mode's name; --quick runs no profile and no RSS."""
+    from benchmarks import run
+
+    def chosen(*modes: str) -> set[str]:
+        return set(run.mode_runners(run.parse(["--modes", *modes])))
+
+    assert chosen("int8", "gloo") == {"sync int8", "gloo DDP"}
+    assert chosen("sync fp32") == {"sync fp32"}
+    quick = run.parse(["--quick"])
+    assert (quick.crypto, quick.profile, quick.rss, quick.workers) == (True, False, False, [3])
+    full = run.parse([])
+    assert full.crypto and full.profile and full.rss and full.workers == [2, 3, 4]
+    assert run.parse(["--only", "rss"]).workers == []
+    crypto = run.parse(["--only", "crypto"])  # runs sync fp32 (its denominator), not e2e
+    assert (crypto.e2e, crypto.crypto, crypto.workers) == (False, True, [2, 3, 4])
