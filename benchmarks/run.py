@@ -84,9 +84,12 @@ def end_to_end_table(results: list[RunResult]) -> str:
 
 def exchange_table(rows: list[dict[str, Any]]) -> str:
     ms = [[1e3 * r[k][q] for k in ("ours", "gloo") for q in ("median_s", "p90_s")] for r in rows]
-    cells = [[f"{r['bytes']:,}", str(r["n"]), *(fmt(v, ".2f") for v in (*m, r["ratio"]))]
+    cells = [[f"{r['bytes']:,}", str(r["n"]),
+              *(fmt(v, ".2f") for v in (*m, r["ratio"], 1e3 * r["ours"]["wait_median_s"],
+                                        r["wait_ratio"]))]
              for r, m in zip(rows, ms, strict=True)]  # fmt: skip
-    return table("bytes|N|ours ms p50|ours ms p90|gloo ms p50|gloo ms p90|ours ÷ gloo", cells)
+    return table("bytes|N|ours ms p50|ours ms p90|gloo ms p50|gloo ms p90|ours ÷ gloo"
+                 "|worker wait ms p50|wait ÷ gloo", cells)  # fmt: skip
 
 
 def tta_table(rows: list[dict[str, Any]]) -> str:

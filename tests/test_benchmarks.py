@@ -92,6 +92,8 @@ def test_harness_end_to_end(tmp_path: Path, offline_digits_root: Path) -> None:
     assert xchg["ours"]["median_s"] > 0 and xchg["gloo"]["median_s"] > 0
     assert 1.0 <= xchg["ours"]["wire_ratio"] <= 1.01
     assert xchg["ratio"] == pytest.approx(xchg["ours"]["median_s"] / xchg["gloo"]["median_s"])
+    # The workers' side: each waits on the exchange for less than the server's whole cycle.
+    assert 0 < xchg["ours"]["wait_median_s"] < xchg["ours"]["median_s"] * 1.5
     # "ours" is the trainer's SyncLoop, timed per exchange, against three real workers.
     assert xchg["ours"]["iters"] == 5
     ran = tmp_path / "work" / "xchg" / f"ours-3-{xchg['bytes']}" / "metrics"
