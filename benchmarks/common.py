@@ -80,7 +80,8 @@ class CpuWindow:
             try:
                 fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             except (OSError, IndexError):
-                self.end = self.start = None  # a process is gone: no clean window
+                # A process is gone: no clean window, and none that starts this late.
+                self.start, self.end = None, (done, float("nan"))
                 return
             total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         if self.start is None:
@@ -95,8 +96,9 @@ class CpuWindow:
 
 
 def cpu_marks(steps: int) -> tuple[int, int]:
-    """The CPU window: after warm-up to just before the last step (eval and exit excluded)."""
-    return min(5, steps // 4), steps - 1
+    """The CPU window: after warm-up to a tenth before the end. The last steps go by faster
+    than the 10 ms poll can follow, and the processes exit right after them."""
+    return min(5, steps // 4), steps - max(2, steps // 10)
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.common import percentile, table, time_to_accuracy
+from benchmarks.common import CpuWindow, cpu_marks, percentile, table, time_to_accuracy
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -303,3 +303,21 @@ def test_parts_and_modes_chosen_by_flags() -> None:
     assert run.parse(["--only", "rss"]).workers == []
     crypto = run.parse(["--only", "crypto"])  # runs sync fp32 (its denominator), not e2e
     assert (crypto.e2e, crypto.crypto, crypto.workers) == (False, True, [2, 3, 4])
+
+
+def test_the_cpu_window_closes_before_the_processes_exit() -> None:
+    # A fast run: the 10 ms poll sees every 4th step, and the processes are gone right after
+    # the last one. The window must still close (it used to end at the last step: no cell).
+    done = {"steps": 0}
+    window = CpuWindow(lambda: done["steps"], cpu_marks(100))
+    for steps in range(0, 101, 4):
+        done["steps"] = steps
+        window.poll([os.getpid()] if steps < 100 else [2**22 + 1])  # above pid_max: gone
+        sum(i * i for i in range(20_000))  # this process's CPU moves between polls
+    assert window.per_step() > 0
+    # A process gone at the end mark: no window, and none opened after it.
+    broken = CpuWindow(lambda: done["steps"], cpu_marks(100))
+    for steps, pid in ((10, os.getpid()), (92, 2**22 + 1), (96, os.getpid())):
+        done["steps"] = steps
+        broken.poll([pid])
+    assert math.isnan(broken.per_step()) and broken.start is None
