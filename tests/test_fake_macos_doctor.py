@@ -69,19 +69,34 @@ def _state(routes: list[list[str]], forwarding: str, stealth: bool) -> dict[str,
     return state
 
 
+def _fake_mac(tmp_path: Path, name: str, state: dict[str, Any]) -> dict[str, Any]:
+    """Install host `name`'s fake Mac; its inventory vars common to every test here."""
+    bin_dir = tmp_path / name / "bin"
+    fake_macos.install(bin_dir, tmp_path / name / "fake-mac", state)
+    return {
+        "ansible_connection": "local",
+        "ansible_python_interpreter": sys.executable,
+        "smolcluster_venv": sys.prefix,
+        "smolcluster_root": str(tmp_path / name / "root"),
+        "fake_macos_bin": str(bin_dir),
+    }
+
+
+def _write_inventory(tmp_path: Path, inventory: dict[str, Any]) -> None:
+    """The inventory, the repo's group_vars and the fake facts module beside it."""
+    (tmp_path / "inventory.yml").write_text(yaml.safe_dump(inventory))
+    (tmp_path / "group_vars").symlink_to(REPO / "group_vars")
+    (tmp_path / "library").mkdir()
+    (tmp_path / "library" / "fake_darwin_facts.py").write_text(FAKE_FACTS)
+
+
 @pytest.fixture
 def macs(tmp_path: Path) -> dict[str, Any]:
     hosts = {}
     for name, broken in BROKEN.items():
-        bin_dir, state = tmp_path / name / "bin", tmp_path / name / "fake-mac"
-        fake_macos.install(bin_dir, state, _state(**{**SET_UP, **broken}))
-        hosts[name] = {
-            "ansible_connection": "local",
-            "ansible_python_interpreter": sys.executable,
-            "smolcluster_venv": sys.prefix,
-            "smolcluster_root": str(tmp_path / name / "root"),
-            "fake_macos_bin": str(bin_dir),
-            "preflight_socketfilterfw": str(bin_dir / "socketfilterfw"),
+        hosts[name] = _fake_mac(tmp_path, name, _state(**{**SET_UP, **broken}))
+        hosts[name] |= {
+            "preflight_socketfilterfw": f"{hosts[name]['fake_macos_bin']}/socketfilterfw",
             "preflight_check_port": False,
             "cluster_forwarding": True,
             "cluster_interfaces": [
@@ -95,10 +110,7 @@ def macs(tmp_path: Path) -> dict[str, Any]:
     # Four gateways of one shape; each its own Mac. In group macs: the launchd backend.
     inventory = {"all": {"children": {"server": {"hosts": hosts},
                                       "macs": {"hosts": dict.fromkeys(hosts)}}}}  # fmt: skip
-    (tmp_path / "inventory.yml").write_text(yaml.safe_dump(inventory))
-    (tmp_path / "group_vars").symlink_to(REPO / "group_vars")
-    (tmp_path / "library").mkdir()
-    (tmp_path / "library" / "fake_darwin_facts.py").write_text(FAKE_FACTS)
+    _write_inventory(tmp_path, inventory)
     # Each host's commands find its own stubs first (raw ignores `environment`: the ssh rung's
     # `uname -s` and the become rung's sudo come from the shared bin below).
     env = {"PATH": "{{ fake_macos_bin }}:" + str(tmp_path / "bin") + ":{{ lookup('env', 'PATH') }}"}
@@ -161,16 +173,11 @@ def test_the_handshake_runs_as_launchdaemons_of_the_fake_launchd(tmp_path: Path)
     daemons.mkdir()
     hosts: dict[str, dict[str, Any]] = {}
     for name in ("mini1", "mini2", "mini3"):
-        bin_dir, state = tmp_path / name / "bin", tmp_path / name / "fake-mac"
-        fake_macos.install(bin_dir, state, fake_macos.mac_mini(run_programs=True))
+        hosts[name] = _fake_mac(tmp_path, name, fake_macos.mac_mini(run_programs=True))
         config = tmp_path / name / "config"
         config.mkdir(parents=True)
         write_secret(config / "secret")
-        hosts[name] = {
-            "ansible_connection": "local",
-            "ansible_python_interpreter": sys.executable,
-            "smolcluster_venv": sys.prefix,
-            "smolcluster_root": str(tmp_path / name / "root"),
+        hosts[name] |= {
             "smolcluster_config_dir": str(config),
             "smolcluster_bind_address": "127.0.0.1",
             "smolcluster_port": port,
@@ -178,7 +185,6 @@ def test_the_handshake_runs_as_launchdaemons_of_the_fake_launchd(tmp_path: Path)
             "trainer_launchd_plist_group": "root",
             "preflight_doctor_listen_s": 20,
             "preflight_doctor_dial_wait_s": 10,
-            "fake_macos_bin": str(bin_dir),
             "cluster_interfaces": [],
         }  # fmt: skip
         if name != "mini1":
@@ -191,10 +197,7 @@ def test_the_handshake_runs_as_launchdaemons_of_the_fake_launchd(tmp_path: Path)
         "workers": {"hosts": {"mini2": hosts["mini2"], "mini3": hosts["mini3"]}},
         "macs": {"hosts": dict.fromkeys(hosts)},
     }}}  # fmt: skip
-    (tmp_path / "inventory.yml").write_text(yaml.safe_dump(inventory))
-    (tmp_path / "group_vars").symlink_to(REPO / "group_vars")
-    (tmp_path / "library").mkdir()
-    (tmp_path / "library" / "fake_darwin_facts.py").write_text(FAKE_FACTS)
+    _write_inventory(tmp_path, inventory)
     env = {"PATH": "{{ fake_macos_bin }}:{{ lookup('env', 'PATH') }}"}
     plays = [
         {**PRETEND, "environment": env},
