@@ -40,6 +40,8 @@ from smolcluster.protocol import (
     MsgType,
     PeerClosed,
     ProtocolError,
+    json_int,
+    json_number,
 )
 from smolcluster.replica import Replica
 
@@ -55,21 +57,14 @@ def eval_interval(server_cfg, eval_steps: int) -> int:
     return max(1, eval_steps // push_interval(server_cfg))
 
 
-def _count(value: object) -> bool:
-    """A JSON integer, not a bool (True is an int to isinstance)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def push_counts(meta: dict, version: int) -> tuple[int, int, int]:
     """A PUSH's base version, samples and local steps, checked; a bad one is a protocol error."""
     base, samples, steps = meta.get("base_version"), meta.get("samples"), meta.get("steps", 0)
-    if not _count(base) or not 0 <= base <= version:
+    if not json_int(base) or not 0 <= base <= version:
         raise ProtocolError(f"push from version {base!r}, current is {version}")
-    if not _count(samples) or samples <= 0:
+    if not json_int(samples) or samples <= 0:
         raise ProtocolError("push without a valid sample count")
-    loss = meta.get("loss", float("nan"))
-    number = isinstance(loss, int | float) and not isinstance(loss, bool)
-    if not _count(steps) or steps < 0 or not number:
+    if not json_int(steps) or steps < 0 or not json_number(meta.get("loss", float("nan"))):
         raise ProtocolError("push without a valid step count and loss")
     return base, samples, steps
 

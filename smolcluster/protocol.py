@@ -529,6 +529,16 @@ class Connection(Channel):
         return frame
 
 
+def json_int(value: object) -> bool:
+    """A JSON integer in frame metadata, not a bool (True is an int to isinstance)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def json_number(value: object) -> bool:
+    """A JSON number in frame metadata, not a bool."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _parse_meta(meta_raw: bytes) -> dict[str, Any]:
     try:
         meta = json.loads(meta_raw) if meta_raw else {}

@@ -31,6 +31,8 @@ from smolcluster.protocol import (
     Frame,
     MsgType,
     ProtocolError,
+    json_int,
+    json_number,
 )
 from smolcluster.replica import Replica
 
@@ -243,11 +245,7 @@ class SyncLoop:
         meta, replica = frame.meta, self.replica
         if frame.type != MsgType.GRADS:
             raise ProtocolError(f"unexpected {frame.type.name} during step {step}")
-        if meta.get("step") != step:
-            raise ProtocolError(f"gradients for step {meta.get('step')!r}, expected {step}")
-        n, loss = meta.get("samples"), meta.get("loss")
-        if not isinstance(n, int) or n <= 0 or not isinstance(loss, int | float):
-            raise ProtocolError("gradients without a valid sample count and loss")
+        n, loss = grads_counts(meta, step)
         assigned = self.assigned_samples(peer)
         if assigned is not None and n != assigned:
             raise ProtocolError(f"gradients of {n} samples, assigned {assigned}")
@@ -278,6 +276,16 @@ class SyncLoop:
         if self.covering:
             return self.batch_size * (1 + len(self.cover.get(peer.rank, [])))
         return None
+
+
+def grads_counts(meta: dict, step: int) -> tuple[int, float]:
+    """A GRADS frame's sample count and loss, checked; a bad one is a protocol error."""
+    if not json_int(meta.get("step")) or meta["step"] != step:
+        raise ProtocolError(f"gradients for step {meta.get('step')!r}, expected {step}")
+    n, loss = meta.get("samples"), meta.get("loss")
+    if not json_int(n) or n <= 0 or not json_number(loss):
+        raise ProtocolError("gradients without a valid sample count and loss")
+    return n, float(loss)
 
 
 def deal_cover(present: list[int], num_workers: int) -> dict[int, list[int]]:

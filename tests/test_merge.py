@@ -10,7 +10,7 @@ import torch
 from smolcluster.elastic import merge_weight, outer_step, push_counts, staleness_damping
 from smolcluster.protocol import ProtocolError
 from smolcluster.replica import weighted_mean_into
-from smolcluster.sync import deal_cover
+from smolcluster.sync import deal_cover, grads_counts
 
 
 def test_staleness_damping_is_one_when_fresh_and_falls_with_age() -> None:
@@ -105,3 +105,20 @@ def test_a_push_counts_only_with_integer_counts_and_a_number_loss() -> None:
     for change in bad:
         with pytest.raises(ProtocolError):
             push_counts({**good, **change}, 5)
+
+
+def test_gradients_count_only_with_an_integer_step_and_count_and_a_number_loss() -> None:
+    good = {"step": 1, "samples": 32, "loss": 2.25}
+    assert grads_counts(good, 1) == (32, 2.25)
+    bad = [
+        {"samples": True},  # JSON true is not one sample
+        {"step": True},  # nor step 1
+        {"loss": False},
+        {"loss": "2.25"},
+        {"step": 2},
+        {"samples": 0},
+        {"samples": 32.0},
+    ]
+    for change in bad:
+        with pytest.raises(ProtocolError):
+            grads_counts({**good, **change}, 1)
