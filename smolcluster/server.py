@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +93,9 @@ class Server:
             # Sync waits for everyone (or the timeout); elastic starts with the first
             # min_workers because anyone may join later at no cost to the others.
             hub.wait_for_workers(cfg.min_workers if elastic else cfg.num_workers)
+            started, samples_before = time.monotonic(), self.progress.samples_merged
             loop.run(metrics, evaluator, checkpoints)
+            trained_s = time.monotonic() - started
         except Terminated:
             checkpoints.save()
             log.warning(
@@ -102,7 +105,8 @@ class Server:
             return 0
         finally:
             hub.close()
-        self._finish(plan, replica, evaluator, checkpoints, metrics)
+        rate = (self.progress.samples_merged - samples_before) / trained_s if trained_s else 0.0
+        self._finish(plan, replica, evaluator, checkpoints, metrics, rate)
         return 0
 
     def _announce(self, plan: Plan, metrics: Metrics, resume: bool) -> None:
@@ -139,8 +143,10 @@ class Server:
         evaluator: Evaluator,
         checkpoints: Checkpointer,
         metrics: Metrics,
+        samples_per_s: float,
     ) -> None:
-        """Save, tell every worker the run is done, write the summary."""
+        """Save, tell every worker the run is done, write the summary (samples/s: this
+        process's training time, from the first step to the last; joining not counted)."""
         settings, cfg, hub = self.settings, self.cfg, self.hub
         val_loss, accuracy = evaluator.last
         checkpoints.save()
@@ -158,6 +164,7 @@ class Server:
             final_val_loss=val_loss,
             dataset=plan.dataset,
             samples=self.progress.samples_merged,
+            samples_per_s=round(samples_per_s, 2),
             checksum_mismatches=self.progress.checksum_mismatches,
             bytes_sent=hub.bytes_sent,
             bytes_recv=hub.bytes_recv,
@@ -165,10 +172,11 @@ class Server:
         )
         metrics.close()
         log.info(
-            "done: %d steps, test accuracy %.4f, test loss %.4f",
+            "done: %d steps, test accuracy %.4f, test loss %.4f, %.1f samples/s",
             self.progress.step,
             accuracy,
             val_loss,
+            samples_per_s,
         )
 
 

@@ -64,6 +64,10 @@ def test_real_run_reaches_baseline_accuracy(tmp_path: Path, offline_digits_root:
     assert "offline digits" in summary["dataset"]
     assert "offline digits" in cluster.log("mini1")  # every run's log says which data it used
     steps = cluster.events("mini1", "step")
+    # The summary's rate is over the training time: the steps' own time and the evals between
+    # them, not the wait for workers before the first step.
+    trained_s = summary["samples"] / summary["samples_per_s"]
+    assert 0.99 * sum(s["step_time_s"] for s in steps) <= trained_s <= summary["wall"]
     assert all("net.1.weight" in s["grad_norms"] for s in steps)
     assert steps[-1]["bytes_sent"] > 0 and steps[-1]["bytes_recv"] > 0
     for host in cluster.workers:
