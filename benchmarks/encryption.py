@@ -1,66 +1,57 @@
-"""What encryption costs a sync step: protocol 3 seals every frame, there is no switch to
-compare with, so the seal and open passes are timed on their own and divided by the step.
+"""What encryption costs a sync step, measured with it on and off in the same run.
 
-Per step the server opens N sealed GRADS and seals one AVERAGE for all workers
-(`Broadcast.seal`, the trainer's own code); a worker seals its GRADS and opens the AVERAGE.
-Open is ChaCha20-Poly1305 `decrypt_into`, the call `Connection` makes, on the same sizes. The
-per-frame metadata (tens of bytes) is left out. The share is an upper bound of the slowdown:
-it assumes every pass is on the step's critical path (the server's reader threads open
-GRADS while it waits for the slowest worker).
+The same sync fp32 run at N=3 on loopback (same steps, seed and batch), once as the real
+`smolcluster` processes (on) and once with every process started as `python -m
+benchmarks.plaintext` (off: a null AEAD with the same tag size, so the same frames and code
+paths without the cipher passes), in interleaved rounds whose order alternates (on, off, then
+off, on, ...) so drift in the machine's load hits both sides alike. Medians over the rounds.
 """
 
 from __future__ import annotations
 
-import os
-import time
+from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-
-from benchmarks.common import fmt, median, table
-from smolcluster.protocol import SEAL_TAG, Broadcast, MsgType
+from benchmarks.common import code_env, fmt, median, table
+from benchmarks.runs import RunResult, run_socket
 
 GOAL = 0.05  # issue 14: encryption on at most 5 % slower
+N = 3
+MODULES = {"on": "smolcluster", "off": "benchmarks.plaintext"}
 
 
-def seal_open_s(nbytes: int, iters: int) -> tuple[float, float]:
-    """Median seconds of one seal (Broadcast.seal) and one open of `nbytes`."""
-    payload, broadcast = os.urandom(nbytes), Broadcast()
-    aead, nonce = ChaCha20Poly1305(broadcast.key), os.urandom(12)
-    sealed = bytearray(nbytes + SEAL_TAG)
-    aead.encrypt_into(nonce, payload, b"", sealed)
-    out, seals, opens = bytearray(nbytes), [], []
-    for step in range(iters):
-        t0 = time.perf_counter()
-        broadcast.seal(MsgType.AVERAGE, step, payload)
-        t1 = time.perf_counter()
-        aead.decrypt_into(nonce, sealed, b"", out)
-        opens.append(time.perf_counter() - t1)
-        seals.append(t1 - t0)
-    return median(seals), median(opens)
+def measure(
+    steps: int, batch_size: int, data_root: Path, work: Path, rounds: int = 3, threads: int = 1
+) -> dict[str, Any]:
+    runs: dict[str, list[RunResult]] = {"on": [], "off": []}
+    for i in range(rounds):
+        for side in ("on", "off") if i % 2 == 0 else ("off", "on"):
+            print(f"  encryption {side}, round {i + 1}/{rounds} (N={N}, {steps} steps)", flush=True)
+            label, out = f"sync fp32, encryption {side}", work / f"{side}-{i}"
+            result = run_socket(label, N, steps, batch_size, data_root, out, threads=threads,
+                                module=MODULES[side], env=code_env())  # fmt: skip
+            runs[side].append(result)
+    row: dict[str, Any] = {"n": N, "steps": steps, "rounds": rounds}
+    for side, results in runs.items():
+        row[f"samples_per_s_{side}"] = median([r.samples_per_s for r in results])
+        row[f"cpu_ms_per_step_{side}"] = median([r.cpu_ms_per_step for r in results])
+        row[f"sent_per_step_{side}"] = median([r.sent_per_step for r in results])
+        row[f"runs_{side}"] = [r.as_dict() for r in results]
+    row["ratio"] = row["samples_per_s_on"] / row["samples_per_s_off"]
+    row["slowdown"] = 1 / row["ratio"] - 1  # extra time per sample with encryption on
+    return row
 
 
-def measure(nbytes: int, step_s: dict[int, float], iters: int = 50) -> list[dict[str, Any]]:
-    """One row per N: crypto seconds per step against that N's sync fp32 step time."""
-    seal, open_ = seal_open_s(nbytes, iters)
-    rows = []
-    for n, step in sorted(step_s.items()):
-        server, worker = seal + n * open_, seal + open_
-        rows.append({"n": n, "bytes": nbytes, "seal_s": seal, "open_s": open_, "step_s": step,
-                     "server_share": server / step, "worker_share": worker / step})  # fmt: skip
-    return rows
-
-
-def report(rows: list[dict[str, Any]]) -> str:
-    cells = [
-        [str(r["n"]), f"{r['bytes']:,}", fmt(1e3 * r["seal_s"], ".2f"),
-         fmt(1e3 * r["open_s"], ".2f"), fmt(1e3 * r["step_s"]),
-         fmt(100 * r["server_share"]), fmt(100 * r["worker_share"]),
-         "met" if r["server_share"] <= GOAL else "MISSED"]
-        for r in rows
-    ]  # fmt: skip
+def report(row: dict[str, Any]) -> str:
+    cells = [[
+        str(row["n"]), f"{row['steps']} x {row['rounds']}",
+        fmt(row["samples_per_s_on"], ".0f"), fmt(row["samples_per_s_off"], ".0f"),
+        fmt(row["ratio"], ".3f"), fmt(100 * row["slowdown"], ".1f"),
+        fmt(row["cpu_ms_per_step_on"]), fmt(row["cpu_ms_per_step_off"]),
+        "met" if row["slowdown"] <= GOAL else "MISSED",
+    ]]  # fmt: skip
     header = (
-        "N|payload B|seal ms|open ms|sync fp32 step ms p50|server: (seal + N open) ÷ step %|"
-        f"worker: (seal + open) ÷ step %|≤ {GOAL:.0%}"
+        "N|steps x rounds|samples/s on|samples/s off|on ÷ off|slowdown %|CPU ms/step on|"
+        f"CPU ms/step off|≤ {GOAL:.0%}"
     )
     return table(header, cells)

@@ -8,7 +8,8 @@ Same model (SimpleNN), same batch per worker, same seeded shards, N workers on 1
 thread per process, every run started through smolcluster/harness.py as the tests start
 theirs. Prints (as Markdown), under a header with the commit, machine and load average: end to
 end with ratios to gloo (bytes on the wire included), the exchange alone, time-to-accuracy,
-the elastic study, the encryption cost, the per-process profile (py-spy) and the peak RSS.
+the elastic study, encryption on against off, the per-process profile (py-spy) and the peak
+RSS.
 --only picks parts; --json writes every number.
 """
 
@@ -151,6 +152,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     add("--tta-epochs", type=int, help="default 4; quick: 1")
     add("--tta-eval-steps", type=int, default=10)
     add("--tta-max-steps", type=int, default=1_000_000, help="cap each TTA run")
+    add("--crypto-rounds", type=int, default=3, help="encryption on/off runs of each (N=3)")
     add("--study", nargs="*", choices=list(elastic_study.PARTS), help="default all")
     add("--study-epochs", type=int, default=2)
     add("--study-k", type=int, default=10, help="elastic K in the study")
@@ -170,7 +172,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     a.steps = a.steps or (30 if a.quick else 100)
     a.exchange_iters = a.exchange_iters or (30 if a.quick else 100)
     a.tta_epochs = a.tta_epochs or (1 if a.quick else 4)
-    a.workers = a.workers if only & {"e2e", "crypto"} or a.links else []
+    a.workers = a.workers if "e2e" in only or a.links else []
     a.exchange_bytes = (a.exchange_bytes or [grad_bytes()]) if "exchange" in only else []
     a.tta = "tta" in only
     a.study = ([] if a.quick else list(elastic_study.PARTS)) if a.study is None else a.study
@@ -231,11 +233,9 @@ def run_links(a: argparse.Namespace, profiles: list[links.Profile], work: Path) 
 def run_parts(a: argparse.Namespace, work: Path) -> dict:
     """Every loopback part, then every table; returns the --json sections."""
     modes, notes = mode_runners(a), []
-    # crypto alone runs only what it divides by: sync fp32 at each N
-    e2e = modes if a.e2e else {m: f for m, f in modes.items() if m == "sync fp32"}
     results: list[RunResult] = []
     for n in a.workers:
-        for mode, fn in e2e.items():
+        for mode, fn in modes.items():
             print(f"  running {mode} N={n} ({a.steps} steps)", flush=True)
             results.append(fn(n, a.steps, work / "e2e" / f"{mode.replace(' ', '-')}-{n}"))
     xchg = []
@@ -247,10 +247,13 @@ def run_parts(a: argparse.Namespace, work: Path) -> dict:
                          f"closest, {xchg[-1]['bytes']:,} B")  # fmt: skip
     tta = run_tta(a, modes, work) if a.tta else []
     study = elastic_study.run_parts(a, work)
-    sync = {r.workers: r.step_ms_median / 1e3 for r in results if r.mode == "sync fp32"}
-    crypto = encryption.measure(grad_bytes(), sync) if a.crypto and sync else []
-    if a.crypto and not sync:
-        notes.append("encryption: skipped, it divides by this run's sync fp32 steps (e2e)")
+    crypto = (
+        encryption.measure(
+            a.steps, a.batch_size, a.data_root, work / "crypto", a.crypto_rounds, a.threads
+        )
+        if a.crypto
+        else None
+    )
     profiles = []
     if a.profile and profile_sync.pyspy_path() is None:
         notes.append("profile: skipped, py-spy is not installed (the dev extra)")
@@ -284,7 +287,7 @@ def run_parts(a: argparse.Namespace, work: Path) -> dict:
     if study:
         print("\n" + elastic_study.report(study, a))
     if crypto:
-        print(f"\n## Encryption: seal/open passes per sync fp32 step (protocol 3, same run)\n\n"
+        print(f"\n## Encryption on vs off: sync fp32 at N={encryption.N} (medians, same run)\n\n"
               f"{encryption.report(crypto)}")  # fmt: skip
     for text in profiles:
         print(f"\n## Where a sync step's time goes, per process (py-spy)\n\n{text}")

@@ -161,11 +161,12 @@ def socket_cluster(
     extra: dict[str, Any] | None = None,
     launch: Callable[[str], list[str]] | None = None,
     env: dict[str, str] | None = None,
+    module: str = "smolcluster",
 ) -> LocalCluster:
     """The configured (not yet started) cluster; `extra` adds or overrides cluster-config keys
     (mode, use_quantization, server_lr, throttle_s, ...). `launch(host)` is an argv prefix per
     host (benchmarks/links.py: `ip netns exec <ns>`, with host_ip and bind_address in `extra`);
-    default: plain processes on loopback."""
+    default: plain processes on loopback. `module`: what `python -m` runs (LocalCluster)."""
     return LocalCluster(
         out,
         data_root,
@@ -186,6 +187,7 @@ def socket_cluster(
         },
         launch=launch,
         env=env,
+        module=module,
     )
 
 

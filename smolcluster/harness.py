@@ -196,8 +196,11 @@ class LocalCluster(Processes):
         nn: dict[str, Any] | None = None,
         launch: Callable[[str], list[str]] | None = None,
         env: dict[str, str] | None = None,
+        module: str = "smolcluster",
     ) -> None:
         self.server = SERVER
+        # what `python -m` runs; benchmarks/plaintext.py: the same CLI with encryption off
+        self.module = module
         self.workers = worker_names(workers)
         self.cluster_config = {
             "host_ip": dict.fromkeys([SERVER, *HOSTS, *self.workers], LOOPBACK),
@@ -241,7 +244,7 @@ class LocalCluster(Processes):
 
     def command(self, role: str, *extra: str) -> list[str]:
         configs = ["--cluster-config", str(self.cluster_file), "--nn-config", str(self.nn_file)]
-        return [sys.executable, "-m", "smolcluster", role, *configs, *extra]
+        return [sys.executable, "-m", self.module, role, *configs, *extra]
 
     def spawn(
         self, name: str, role: str, *extra: str, preexec_fn: Callable[[], None] | None = None

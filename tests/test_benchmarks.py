@@ -33,7 +33,7 @@ def test_harness_end_to_end(tmp_path: Path, offline_digits_root: Path) -> None:
     args = [
         "--workers", "2", "--steps", "8", "--exchange-iters", "5",
         "--tta-accuracy", "0.3", "--tta-eval-steps", "5", "--tta-max-steps", "15",
-        "--local-steps", "4",
+        "--local-steps", "4", "--crypto-rounds", "1",
         "--study", "slow", "--study-epochs", "1", "--study-max-steps", "12", "--study-k", "4",
         # not rss (two N=3 runs on full MNIST; tests/test_rss_benchmark.py covers the harness)
         # nor profile (py-spy; its parser is covered below)
@@ -54,7 +54,7 @@ def test_harness_end_to_end(tmp_path: Path, offline_digits_root: Path) -> None:
         "## End to end",
         "## Exchange only",
         "## Time to 30% test accuracy",
-        "## Encryption: seal/open passes",
+        "## Encryption on vs off",
     ):
         assert heading in text, text
     for mode in ("sync fp32", "sync int8", "gloo DDP"):
@@ -115,14 +115,19 @@ def test_harness_end_to_end(tmp_path: Path, offline_digits_root: Path) -> None:
     assert report["machine"]["nproc"] and report["machine"]["torch"]
     assert re.search(r"^# smolcluster benchmarks, .*, commit \w+", text, re.MULTILINE), text
     assert "load average (1, 5, 15 min)" in text, text
-    # Encryption: real seal/open seconds against this run's sync fp32 step, one row for N=2.
-    (crypto,) = report["encryption"]
-    assert crypto["n"] == 2 and crypto["bytes"] == report["grad_bytes"]
-    assert 0 < crypto["seal_s"] < crypto["step_s"] and 0 < crypto["open_s"] < crypto["step_s"]
-    assert crypto["step_s"] == pytest.approx(rows["sync fp32"]["step_ms_median"] / 1e3)
-    assert crypto["server_share"] == pytest.approx(
-        (crypto["seal_s"] + 2 * crypto["open_s"]) / crypto["step_s"]
+    # Encryption: one sync fp32 run at N=3 each way, the off run's processes all plaintext
+    # (tests/test_plaintext.py shows the swap is in effect), with the same frames on the wire.
+    crypto = report["encryption"]
+    assert (crypto["n"], crypto["steps"], crypto["rounds"]) == (3, 8, 1)
+    assert crypto["sent_per_step_on"] == pytest.approx(crypto["sent_per_step_off"], rel=1e-3)
+    assert crypto["sent_per_step_on"] / report["grad_bytes"] == pytest.approx(1, abs=0.01)
+    for side in ("on", "off"):
+        (run,) = crypto[f"runs_{side}"]
+        assert run["steps"] == 8 and crypto[f"samples_per_s_{side}"] == run["samples_per_s"] > 0
+    assert crypto["slowdown"] == pytest.approx(
+        crypto["samples_per_s_off"] / crypto["samples_per_s_on"] - 1
     )
+    assert re.search(r"^\| 3 +\| 8 x 1 +\|", text, re.MULTILINE), text
 
 
 def test_statistics_helpers() -> None:
@@ -301,8 +306,10 @@ def test_parts_and_modes_chosen_by_flags() -> None:
     full = run.parse([])
     assert full.crypto and full.profile and full.rss and full.workers == [2, 3, 4]
     assert run.parse(["--only", "rss"]).workers == []
-    crypto = run.parse(["--only", "crypto"])  # runs sync fp32 (its denominator), not e2e
-    assert (crypto.e2e, crypto.crypto, crypto.workers) == (False, True, [2, 3, 4])
+    crypto = run.parse(["--only", "crypto"])  # its own on/off runs at N=3, not e2e
+    assert (crypto.e2e, crypto.crypto, crypto.workers, crypto.crypto_rounds) == (
+        False, True, [], 3
+    )  # fmt: skip
 
 
 def test_the_cpu_window_closes_before_the_processes_exit() -> None:
