@@ -167,27 +167,13 @@ def socket_cluster(
     (mode, use_quantization, server_lr, throttle_s, ...). `launch(host)` is an argv prefix per
     host (benchmarks/links.py: `ip netns exec <ns>`, with host_ip and bind_address in `extra`);
     default: plain processes on loopback. `module`: what `python -m` runs (LocalCluster)."""
+    cluster = {"torch_threads": threads, "connect_backoff_s": 0.2, "step_timeout_s": 120.0}
+    model = {"type": "SimpleNN", "input_dim": 784, "hidden": hidden, "out": 10}
+    dataset = {"name": "MNIST", "root": str(data_root), "download": False}
+    nn = {"batch_size": batch_size, "num_epochs": epochs, "eval_steps": eval_steps,
+          "max_steps": steps, "model": model, "dataset": dataset}  # fmt: skip
     return LocalCluster(
-        out,
-        data_root,
-        n,
-        cluster={
-            "torch_threads": threads,
-            "connect_backoff_s": 0.2,
-            "step_timeout_s": 120.0,
-            **(extra or {}),
-        },
-        nn={
-            "batch_size": batch_size,
-            "num_epochs": epochs,
-            "eval_steps": eval_steps,
-            "max_steps": steps,
-            "model": {"type": "SimpleNN", "input_dim": 784, "hidden": hidden, "out": 10},
-            "dataset": {"name": "MNIST", "root": str(data_root), "download": False},
-        },
-        launch=launch,
-        env=env,
-        module=module,
+        out, data_root, n, {**cluster, **(extra or {})}, nn, launch, env, module=module
     )
 
 
@@ -207,22 +193,12 @@ def run_socket(
     **options: Any,
 ) -> RunResult:
     """One run; `options` go to socket_cluster (epochs, eval_steps, threads, launch)."""
+    # min_workers: all N from the first step, as in sync: else, on a loaded machine, a late
+    # starter can find an elastic run already over.
+    config = {"mode": mode, "use_quantization": quantize, "worker_update_interval": update_interval,
+              "min_workers": n, **(extra or {})}  # fmt: skip
     cluster = socket_cluster(
-        out,
-        n,
-        data_root,
-        steps=steps,
-        batch_size=batch_size,
-        extra={
-            "mode": mode,
-            "use_quantization": quantize,
-            "worker_update_interval": update_interval,
-            # All N from the first step, as in sync: else, on a loaded machine, a late
-            # starter can find an elastic run already over.
-            "min_workers": n,
-            **(extra or {}),
-        },
-        **options,
+        out, n, data_root, steps=steps, batch_size=batch_size, extra=config, **options
     )
     # Elastic: the server logs one step event per merged push, steps * n / K of them.
     merges = steps * n // update_interval
