@@ -12,8 +12,9 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "smolcluster"
 MAX_CLASS_LINES = 250
-# Public API despite the underscore (namedtuple methods: urllib's parse results have them).
-NAMEDTUPLE = {"_replace", "_asdict", "_fields", "_make"}
+# Public API despite the underscore: namedtuple methods (urllib's parse results have them) and
+# os._exit, the documented way to end a process without interpreter cleanup.
+PUBLIC_UNDERSCORED = {"_replace", "_asdict", "_fields", "_make", "_exit"}
 
 
 def modules() -> dict[str, ast.Module]:
@@ -69,7 +70,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def _private(name: str) -> bool:
-    return name.startswith("_") and not name.startswith("__") and name not in NAMEDTUPLE
+    return name.startswith("_") and not name.startswith("__") and name not in PUBLIC_UNDERSCORED
 
 
 def _own_names(tree: ast.Module) -> set[str]:
