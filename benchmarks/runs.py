@@ -173,8 +173,9 @@ def socket_cluster(
     nn = {"batch_size": batch_size, "num_epochs": epochs, "eval_steps": eval_steps,
           "max_steps": steps, "model": model, "dataset": dataset}  # fmt: skip
     return LocalCluster(
-        out, data_root, n, {**cluster, **(extra or {})}, nn, launch, env, module=module
-    )
+        out, data_root, n, cluster={**cluster, **(extra or {})}, nn=nn, launch=launch, env=env,
+        module=module,
+    )  # fmt: skip
 
 
 def run_socket(

@@ -66,7 +66,8 @@ class GlooRun:
 
 
 def run_from_settings(settings: Any, role: str, rank: int, host: str) -> NoReturn:
-    """`smolcluster server/worker` with `backend: gloo`; settings is a config.Settings."""
+    """`smolcluster server/worker` with `backend: gloo`; settings is a config.Settings. Ends
+    the process with the run's status (exit_now) instead of returning."""
     cluster, nncfg = settings.cluster, settings.nn
     hosts = [cluster.server, *cluster.workers]
     if role == "server":
