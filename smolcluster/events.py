@@ -87,6 +87,7 @@ class StepRecord(TypedDict):
     # sync server
     workers: NotRequired[int]  # also elastic server: active workers
     batch_sizes: NotRequired[dict[str, int]]  # host -> samples, in order of arrival
+    exchange_s: NotRequired[float]  # of step_time_s: gradients asked for to the last AVERAGE sent
     # sync and elastic workers: compute + encode/send + wait make up step_time_s
     wait_s: NotRequired[float | None]  # sync: gradients sent to next step; elastic: the reply
     compute_s: NotRequired[float]  # sync: forward/backward; elastic: the K local steps

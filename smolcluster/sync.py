@@ -91,6 +91,7 @@ class SyncLoop:
             done = self.exchange(step)
             if done is None:
                 continue  # nobody answered: run this step again with whoever is there
+            exchanged = time.monotonic() - started
             last = step + 1 == plan.total_steps
             grad_norms = replica.grad_norms() if self.track_gradients else None
             replica.step(step / plan.total_steps)
@@ -107,6 +108,7 @@ class SyncLoop:
                 workers=len(done.batch_sizes),
                 batch_sizes={p.host: n for p, n in done.batch_sizes.items()},
                 step_time_s=round(elapsed, 6),
+                exchange_s=round(exchanged, 6),
                 samples_per_s=round(done.samples / elapsed, 2) if elapsed else None,
                 bytes_sent=self.hub.bytes_sent,
                 bytes_recv=self.hub.bytes_recv,

@@ -69,6 +69,8 @@ def test_real_run_reaches_baseline_accuracy(tmp_path: Path, offline_digits_root:
     trained_s = summary["samples"] / summary["samples_per_s"]
     assert 0.99 * sum(s["step_time_s"] for s in steps) <= trained_s <= summary["wall"]
     assert all("net.1.weight" in s["grad_norms"] for s in steps)
+    # exchange_s is the part of the step before the server's own optimizer step.
+    assert all(0 < s["exchange_s"] < s["step_time_s"] for s in steps)
     assert steps[-1]["bytes_sent"] > 0 and steps[-1]["bytes_recv"] > 0
     for host in cluster.workers:
         worker = cluster.summary(host)
