@@ -1,15 +1,11 @@
 """Elastic mode, measured: which merge rule, what int8 costs, and a 5x slower worker.
 
-    python -m benchmarks.run --study rules int8 slow   # part of the full run (~10 min)
-
-Every row is a full run of the real server and workers on loopback (benchmarks/runs.py)
-over the same data, seed and sample budget; accuracies are the server's final test accuracy.
-Options are benchmarks.run's: N = --tta-workers, --study-epochs, K = --study-k, --batch-size,
---study-max-steps (a cap per run) and --data-root.
+Every row is a full run of the real server and workers on loopback over the same data, seed
+and sample budget (options: benchmarks.run's --tta-workers, --study-epochs, --study-k,
+--batch-size, --study-max-steps).
 - rules: the elastic merge rule (server_lr, server_momentum) against the sync run.
 - int8: the same sync and elastic runs with use_quantization, the accuracy difference.
-- slow: one worker throttled so each of its steps takes about 5x as long; wall time to finish
-  the same sample budget and accuracy, for sync, sync with balance: auto, and elastic.
+- slow: one worker throttled to ~5x its step time; wall time to the same sample budget.
 """
 
 from __future__ import annotations
@@ -121,8 +117,8 @@ TITLES = {
 }
 
 
-def run_parts(a: Namespace, work: Path) -> list[Row]:
-    return [row for name in a.study for row in PARTS[name](a, work / "study")]
+def measure(a: Namespace, work: Path) -> list[Row]:
+    return [row for name in a.study for row in PARTS[name](a, work)]
 
 
 def report(rows: list[Row], a: Namespace) -> str:

@@ -9,6 +9,7 @@ off, on, ...) so drift in the machine's load hits both sides alike. Medians over
 
 from __future__ import annotations
 
+from argparse import Namespace
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +21,16 @@ N = 3
 MODULES = {"on": "smolcluster", "off": "benchmarks.plaintext"}
 
 
-def measure(
-    steps: int, batch_size: int, data_root: Path, work: Path, rounds: int = 3, threads: int = 1
-) -> dict[str, Any]:
+def measure(a: Namespace, work: Path) -> dict[str, Any]:
+    """--steps of sync fp32 at N=3, --crypto-rounds times each way."""
+    steps, rounds = a.steps, a.crypto_rounds
     runs: dict[str, list[RunResult]] = {"on": [], "off": []}
     for i in range(rounds):
         for side in ("on", "off") if i % 2 == 0 else ("off", "on"):
             print(f"  encryption {side}, round {i + 1}/{rounds} (N={N}, {steps} steps)", flush=True)
             label, out = f"sync fp32, encryption {side}", work / f"{side}-{i}"
-            result = run_socket(label, N, steps, batch_size, data_root, out, threads=threads,
-                                module=MODULES[side], env=code_env())  # fmt: skip
-            runs[side].append(result)
+            kw = {"threads": a.threads, "module": MODULES[side], "env": code_env()}
+            runs[side].append(run_socket(label, N, steps, a.batch_size, a.data_root, out, **kw))
     row: dict[str, Any] = {"n": N, "steps": steps, "rounds": rounds}
     for side, results in runs.items():
         row[f"samples_per_s_{side}"] = median([r.samples_per_s for r in results])
@@ -42,7 +42,7 @@ def measure(
     return row
 
 
-def report(row: dict[str, Any]) -> str:
+def report(row: dict[str, Any], a: Namespace) -> str:
     cells = [[
         str(row["n"]), f"{row['steps']} x {row['rounds']}",
         fmt(row["samples_per_s_on"], ".0f"), fmt(row["samples_per_s_off"], ".0f"),
@@ -54,4 +54,5 @@ def report(row: dict[str, Any]) -> str:
         "N|steps x rounds|samples/s on|samples/s off|on ÷ off|slowdown %|CPU ms/step on|"
         f"CPU ms/step off|≤ {GOAL:.0%}"
     )
-    return table(header, cells)
+    title = f"## Encryption on vs off: sync fp32 at N={N} (medians, same run)"
+    return f"{title}\n\n{table(header, cells)}"

@@ -1,16 +1,10 @@
 """Exchange only: what averaging B bytes of fp32 across N processes costs, on the real code.
 
-ours: the trainer's own sync exchange, `SyncLoop.exchange(step)` on a `Hub` (smolcluster/sync.py,
-hub.py; driven here as docs/architecture.md shows, without the rest of a `Server`), against N
-real `smolcluster worker` processes with the model sized so its gradients are about B bytes
-and one sample per batch so their forward/backward is small. Timed per step at the server:
-from asking for the step's gradients to the last AVERAGE sent (the server's reader threads,
-queue, collect, sample-weighted average and fan-out; the workers' batch-1 step between two
-exchanges included, the server's own optimizer step not). And at the workers: the median
-`wait_s`, gradients sent to the next step begun, which is what a rank spends inside all_reduce
-(plus the worker's own fused Adam step, well under a millisecond at 1.36 MB).
-gloo: the same N processes call dist.all_reduce on B bytes and divide (an average), timed
-per call. The bytes column is the model's real gradient size, used by both.
+ours: a real `smolcluster server` and N workers whose model has about B bytes of gradients
+(batch 1, so their step is small), timed at the server by its step events' `exchange_s`
+(`SyncLoop.exchange`: gradients asked for to the last AVERAGE sent, the Adam step not) and at
+the workers (`wait_s`, what a rank spends inside all_reduce). gloo: the same N processes call
+dist.all_reduce on B bytes and divide. docs/benchmarks.md says what each column includes.
 """
 
 from __future__ import annotations
@@ -19,6 +13,7 @@ import json
 import os
 import sys
 import time
+from argparse import Namespace
 from datetime import timedelta
 from functools import cache
 from pathlib import Path
@@ -27,17 +22,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from benchmarks.common import code_env, median, per_step_bytes, percentile
+from benchmarks.common import code_env, fmt, median, per_step_bytes, percentile, table
 from benchmarks.runs import grad_bytes, socket_cluster
-from smolcluster import codec
-from smolcluster.checkpoint import Progress
-from smolcluster.config import load_settings
 from smolcluster.harness import LOOPBACK, SERVER, Processes, free_port_pair
-from smolcluster.hub import Hub
-from smolcluster.plan import make_plan, train_size
-from smolcluster.protocol import MsgType, read_secret
-from smolcluster.replica import Replica
-from smolcluster.sync import SyncLoop
+
+N = 3  # processes in benchmarks.run's exchange part
 
 
 @cache
@@ -55,16 +44,11 @@ def measure_ours(
     n: int, nbytes: int, iters: int, work: Path, data_root: Path, warmup: int = 5
 ) -> dict[str, Any]:
     hidden = hidden_for(nbytes)
-    out = work / f"ours-{n}-{nbytes}"
-    cluster = socket_cluster(
-        out, n, data_root, steps=warmup + iters, batch_size=1, hidden=hidden, env=code_env()
-    )
-    argv = [sys.executable, "-m", "benchmarks.exchange", "drive", str(cluster.cluster_file)]
-    cluster.start_process(SERVER, [*argv, str(cluster.nn_file), str(out / "times.json")])
-    for host in cluster.workers:
-        cluster.spawn(host, "worker", "--host", host)
+    cluster = socket_cluster(work / f"ours-{n}-{nbytes}", n, data_root, steps=warmup + iters,
+                             batch_size=1, hidden=hidden)  # fmt: skip
+    cluster.start()
     cluster.wait(300, check=True)
-    times = json.loads((out / "times.json").read_text())[warmup:]
+    times = [e["exchange_s"] for e in cluster.events(SERVER, "step")[warmup:]]
     first = cluster.events(cluster.workers[0], "step")
     wire_ratio = per_step_bytes(first, "bytes_sent") / grad_bytes(hidden)
     # What a worker is blocked on, as a rank is in all_reduce: its gradients sent to its next
@@ -80,32 +64,6 @@ def _timing(kind: str, n: int, nbytes: int, times: list[float]) -> dict[str, Any
             "median_s": median(times), "p90_s": percentile(times, 90)}  # fmt: skip
 
 
-def drive_server(cluster_file: str, nn_file: str, out: str) -> None:
-    """The server end of measure_ours: a Hub and the SyncLoop, each exchange timed."""
-    settings = load_settings(cluster_file, nn_file)
-    cfg = settings.cluster
-    plan = make_plan(settings, train_size(settings))
-    nn = settings.nn
-    replica = Replica.build(nn.model, nn.learning_rate, cfg.seed, nn.lr_schedule)
-    hub = Hub(cfg, read_secret(settings.secret_path))
-    hub.payload_limits = {MsgType.GRADS: replica.nbytes}
-    hub.listen()
-    hub.wait_for_workers(cfg.num_workers)
-    loop = SyncLoop(hub, settings, plan, replica, Progress(), codec.for_config(False))
-    times = []
-    for step in range(plan.total_steps):
-        started = time.perf_counter()
-        if loop.exchange(step) is None:
-            raise SystemExit(f"no worker answered step {step}")
-        times.append(time.perf_counter() - started)
-        replica.step(step / plan.total_steps)  # as the run does: the workers check it
-    hub.close()
-    for peer in list(hub.active):
-        hub.send_to(peer, MsgType.DONE, {})
-    hub.await_goodbyes()
-    Path(out).write_text(json.dumps(times))
-
-
 def measure_gloo(n: int, nbytes: int, iters: int, work: Path, warmup: int = 5) -> dict[str, Any]:
     out = work / f"gloo-{n}-{nbytes}"
     ranks = Processes(out, env=code_env())  # children: `python -m benchmarks.exchange`
@@ -119,7 +77,7 @@ def measure_gloo(n: int, nbytes: int, iters: int, work: Path, warmup: int = 5) -
     return _timing("gloo", n, nbytes, json.loads((out / "times.json").read_text()))
 
 
-def measure(n: int, nbytes: int, iters: int, work: Path, data_root: Path) -> dict[str, Any]:
+def measure_row(n: int, nbytes: int, iters: int, work: Path, data_root: Path) -> dict[str, Any]:
     """One row of the exchange table: both sides at the model's real gradient size."""
     ours = measure_ours(n, nbytes, iters, work, data_root)
     gloo = measure_gloo(n, ours["bytes"], iters, work)
@@ -131,6 +89,32 @@ def measure(n: int, nbytes: int, iters: int, work: Path, data_root: Path) -> dic
         "ratio": ours["median_s"] / gloo["median_s"],
         "wait_ratio": ours["wait_median_s"] / gloo["median_s"],
     }
+
+
+def measure(a: Namespace, work: Path) -> list[dict[str, Any]]:
+    """The exchange part of benchmarks.run: a row per --exchange-bytes, at N=3."""
+    rows = []
+    for nbytes in a.exchange_bytes:
+        print(f"  exchange microbenchmark: {nbytes:,} B at N={N}", flush=True)
+        rows.append(measure_row(N, nbytes, a.exchange_iters, work, a.data_root))
+    return rows
+
+
+def report(rows: list[dict[str, Any]], a: Namespace) -> str:
+    ms = [[1e3 * r[k][q] for k in ("ours", "gloo") for q in ("median_s", "p90_s")] for r in rows]
+    cells = [[f"{r['bytes']:,}", str(r["n"]),
+              *(fmt(v, ".2f") for v in (*m, r["ratio"], 1e3 * r["ours"]["wait_median_s"],
+                                        r["wait_ratio"]))]
+             for r, m in zip(rows, ms, strict=True)]  # fmt: skip
+    closest = [f"\nno SimpleNN has {b:,} B of gradients; measured the closest, {r['bytes']:,} B"
+               for b, r in zip(a.exchange_bytes, rows, strict=True)
+               if abs(r["bytes"] - b) > b / 20]  # fmt: skip
+    return (
+        f"## Exchange only: average B bytes of fp32 across N={N} processes\n\n"
+        + table("bytes|N|ours ms p50|ours ms p90|gloo ms p50|gloo ms p90|ours ÷ gloo"
+                "|worker wait ms p50|wait ÷ gloo", cells)
+        + "".join(closest)
+    )  # fmt: skip
 
 
 def gloo_rank(rank: int, n: int, nbytes: int, iters: int, warmup: int, port: int, out: str) -> None:
@@ -157,13 +141,9 @@ def gloo_rank(rank: int, n: int, nbytes: int, iters: int, warmup: int, port: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    """A child of this benchmark: `drive CLUSTER_YAML NN_YAML OUT` (the server end) or
-    `gloo JSON` (one rank; JSON holds gloo_rank's arguments)."""
-    kind, *args = sys.argv[1:] if argv is None else argv
-    if kind == "drive":
-        drive_server(*args)
-    else:
-        gloo_rank(**json.loads(args[0]))
+    """One gloo rank of this benchmark: `gloo JSON` (JSON holds gloo_rank's arguments)."""
+    _, spec = sys.argv[1:] if argv is None else argv
+    gloo_rank(**json.loads(spec))
     return 0
 
 

@@ -2,23 +2,20 @@
 
     sudo .venv/bin/python -m benchmarks.run --links all --workers 3 --steps 60
 
-Its OWN namespaces (prefix `sclbench-<pid>-`, never the lab's `scl-`): `...br` holds a bridge
-br0 (the switch), `...h0` the server, `...h1`.. the workers, each host joined to the bridge by a
-veth (`eth0` in the host, `h<i>` on the bridge) with 10.10.0.<i+1>/24 as on the cluster's
-Thunderbolt fabric. Both ends of a veth are created inside their namespaces: the root
-namespace never gets an address or route of that subnet, nor sends to it (the network rule).
-A profile shapes both ends of every veth (each direction of each link) with `tbf rate R burst
-B latency L`: rate only, NO added delay (this machine's kernel has no sch_netem to emulate
-latency with, so no netem path is kept that could not be run; docs/benchmarks.md).
-Teardown kills every process in each namespace (`ip netns pids`) and deletes it when the
-fabric's `with` block ends, however it ends (SIGTERM and SIGHUP raise SystemExit as Ctrl-C
-raises KeyboardInterrupt); namespaces of a SIGKILLed run (owner pid gone) go at the next start.
+Its OWN namespaces (prefix `sclbench-<pid>-`, never the lab's `scl-`): a bridge namespace (the
+switch) and one per host, each joined to it by a veth with 10.10.0.<i+1>/24 as on the cluster's
+Thunderbolt fabric. Both ends of a veth are created inside their namespaces, so the root
+namespace never gets an address or route of that subnet (the network rule). A profile shapes
+both ends of every veth with `tbf` (rate only: this kernel has no sch_netem for delay).
+Teardown kills every process in each namespace and deletes it however the run ends (SIGTERM
+and SIGHUP raise SystemExit); namespaces of a SIGKILLed run go at the next start.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -30,7 +27,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from benchmarks.runs import RunResult
+from benchmarks.common import fmt, table
+from benchmarks.runs import RunResult, end_to_end_table
 from smolcluster.harness import SERVER, worker_names
 
 PREFIX = "sclbench-"
@@ -194,18 +192,7 @@ class Fabric:
             _run("ip", "-n", br, "link", "set", port, "master", "br0", "up")
             _run("ip", "-n", ns, "addr", "add", f"{self.addr(i)}/24", "dev", IFNAME)
             _run("ip", "-n", ns, "link", "set", IFNAME, "up")
-        if shutil.which("ping"):  # else the workers' dial retries cover the wait
-            self.wait_reachable()
-
-    def wait_reachable(self, timeout: float = 10.0) -> None:
-        """Bridge ports take a moment to forward; every host must reach the server first."""
-        deadline = time.monotonic() + timeout
-        for i in range(1, self.hosts):
-            ping = ["ip", "netns", "exec", self.ns(i), "ping", "-c", "1", "-W", "1", self.addr(0)]
-            while _run(*ping, check=False).returncode:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{self.ns(i)} cannot reach {self.addr(0)}")
-                time.sleep(0.2)
+        # No wait for the bridge to forward: the workers' dial and gloo's store retry.
 
     def _ends(self) -> dict[str, tuple[str, str]]:
         """(namespace, device) of both ends of every host's cable: 'h<i> up' sends host ->
@@ -325,3 +312,49 @@ def busiest_payload(run: LinkRun) -> tuple[str, float]:
     if run.hosts and all(h.startswith("rank") for h in run.hosts):
         return "every rank's link", per_worker
     return "server link", r.workers * per_worker
+
+
+def link_wire_table(runs: list[LinkRun]) -> str:
+    rows = []
+    for run in runs:
+        r = run.result
+        where, payload = busiest_payload(run)
+        # the least time per step the rate allows (headers and the tbf burst ignored)
+        rate = run.profile.rate_bytes_per_s
+        floor = 1e3 * payload / rate if math.isfinite(rate) else None
+        end, wire = run.busiest()
+        rows.append(
+            [r.mode, str(r.workers), where, fmt(payload, ",.0f"), fmt(floor, ".1f"),
+             fmt(r.step_ms_median), fmt(r.step_ms_median / floor if floor else None, ".2f"),
+             f"{wire / 1e6:,.1f} ({end})" if wire else "- (no shaper)"]
+        )  # fmt: skip
+    return table(
+        "mode|N|busiest link|payload B/step on it|rate floor ms/step|step ms p50|p50 ÷ floor|"
+        "MB through busiest shaper, whole run",
+        rows,
+    )
+
+
+NOTE = (
+    "\npayload B/step: the busiest link direction's bytes per step from the trainers' byte"
+    " counters (socket: N x a worker's, on the server's link; gloo ring: one rank's);"
+    " elastic: per local step, amortised over pushes. rate floor = that ÷ the profile's"
+    " rate (the least step time the link allows). MB through busiest shaper: bytes the"
+    " busiest cable end's qdisc sent during the whole run (headers, set-up and initial"
+    " weights included; 'up' = host -> switch, 'down' = switch -> host; h0 = the server,"
+    " gloo: rank 0)."
+)
+
+
+def report(runs: list[LinkRun], profiles: list[Profile]) -> dict[str, Any]:
+    """Print one table per link profile; returns the --json sections."""
+    left = our_namespaces()
+    print(f"\nnamespaces with prefix {PREFIX} left: {left or 'none'}")
+    for profile in profiles:
+        mine = [r for r in runs if r.profile == profile]
+        if mine:
+            print(f"\n## Links: {profile.label} (x gloo = samples/s ratio, same profile, same run)")
+            print(f"\nshaping: {mine[0].shaping}\n\n{end_to_end_table([r.result for r in mine])}")
+            print(f"\n{link_wire_table(mine)}")
+    print(NOTE)
+    return {"links": [r.as_dict() for r in runs], "namespaces_left": left}

@@ -3,16 +3,11 @@
     python -m benchmarks.run --only profile                 # N=3, 8 s window, this checkout
     python -m benchmarks.run --only profile --code A B A B  # checkouts' trainers, interleaved
 
-The real `smolcluster server` + N `smolcluster worker` processes (benchmarks.runs.socket_cluster,
-sync fp32, batch 32, one torch thread each) train a long run; once 20 steps are done, py-spy
-(the dev extra) attaches to the server and the first worker for `--seconds` (`record --idle
---threads`), then the run is stopped. Each sample is one thread's stack at one instant; the
-server's main thread, its reader threads (summed) and the worker's main thread are told apart
-by a frame only they have (LOOPS), and a sample goes to the first bucket (BUCKETS) one of its
-frames matches, leaf first. Shares are of that thread kind's samples, so waiting is a bucket
-too. The step timers (server step_time_s, worker compute_s and wait_s) are the medians of the
-JSONL metrics over the same window; the load average is printed with the table, because on a
-shared machine only the ratios of one run compare.
+After 20 steps py-spy records the server and the first worker (`--idle --threads`); each
+sample goes to a thread kind (LOOPS: a frame only that kind has) and to the first bucket
+(BUCKETS) one of its frames matches, leaf first, so waiting is a bucket too. The step timers
+are the JSONL metrics' medians over the same window (docs/benchmarks.md, "Where a sync step's
+time goes").
 """
 
 from __future__ import annotations
@@ -22,6 +17,7 @@ import re
 import shutil
 import subprocess
 import sys
+from argparse import Namespace
 from collections import Counter
 from pathlib import Path
 
@@ -83,6 +79,22 @@ def pyspy_path() -> Path | None:
     """py-spy (the dev extra) on PATH or next to this interpreter, else None."""
     found = shutil.which("py-spy") or shutil.which("py-spy", path=Path(sys.executable).parent)
     return Path(found) if found else None
+
+
+def measure(a: Namespace, work: Path) -> list[str]:
+    """The profile part of benchmarks.run: one breakdown per --code checkout, at N=3."""
+    if pyspy_path() is None:
+        return ["skipped: py-spy is not installed (the dev extra)"]
+    texts = []
+    for i, code in enumerate(a.code):
+        print(f"  profile of {code} ({a.profile_seconds:.0f} s)", flush=True)
+        texts.append(profile(code, 3, a.profile_seconds, 250, work / str(i), a.data_root))
+    return texts
+
+
+def report(texts: list[str], a: Namespace) -> str:
+    title = "## Where a sync step's time goes, per process (py-spy)"
+    return "\n\n".join(f"{title}\n\n{text}" for text in texts)
 
 
 def profile(code: Path, n: int, seconds: float, rate: int, work: Path, data_root: Path) -> str:

@@ -3,12 +3,9 @@
     python -m benchmarks.run --only rss              # offline digits and full MNIST, N=3
     python -m benchmarks.run --only rss --code DIR   # the trainer of another checkout
 
-A sync run of the real CLI (`smolcluster server` + N `smolcluster worker`, loopback, a free
-port) for a few steps with evaluations on the server; each process records its own peak RSS
-as it exits (LAUNCHER, the harness's argv prefix). The baseline only imports torch and
-torchvision.
-Full MNIST comes from `smolcluster data fetch` (torchvision or the package-index mirror);
-without it that dataset is skipped with a note.
+A short sync run of the real CLI with evaluations on the server; each process records its own
+peak RSS as it exits (LAUNCHER). Full MNIST comes from `smolcluster data fetch`; without it
+that dataset is skipped with a note.
 """
 
 from __future__ import annotations
@@ -16,9 +13,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from argparse import Namespace
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from benchmarks.common import REPO, code_env, table
 from smolcluster.harness import SERVER, LocalCluster, Processes
@@ -78,7 +77,7 @@ def baseline_mb(code: Path, work: Path) -> float:
     return peak_rss(run, 120)["baseline"]
 
 
-def measure(dataset: str, data_root: Path, code: Path, work: Path, base: float) -> list[RssRow]:
+def measure_run(dataset: str, data_root: Path, code: Path, work: Path, base: float) -> list[RssRow]:
     """One sync run: the server's peak and the largest worker peak."""
     cluster = LocalCluster(
         work, data_root, WORKERS, nn={"max_steps": STEPS, "eval_steps": STEPS // 2},
@@ -101,25 +100,34 @@ def fetch_full_mnist(root: Path) -> str | None:
     return None if done.returncode == 0 else (done.stderr.strip() or done.stdout.strip())[-300:]
 
 
-def measure_all(code: Path, work: Path, digits: Path) -> tuple[list[RssRow], list[str]]:
-    """The baseline, then offline digits and full MNIST: (rows, notes)."""
+def measure_code(code: Path, work: Path, digits: Path) -> dict[str, Any]:
+    """The baseline, then offline digits and full MNIST, with `code`'s trainer."""
     notes: list[str] = []
     load_before = os.getloadavg()[0]
     base = baseline_mb(code, work / "baseline")
     rows = [RssRow("-", BASELINE, base, 0.0)]
-    rows += measure("offline digits", digits, code, work / "digits", base)
+    rows += measure_run("offline digits", digits, code, work / "digits", base)
     why = fetch_full_mnist(FULL_MNIST)
     if why is None:
-        rows += measure("full MNIST", FULL_MNIST, code, work / "full", base)
+        rows += measure_run("full MNIST", FULL_MNIST, code, work / "full", base)
     else:
         notes.append(f"RSS on full MNIST skipped: {why}")
-    notes.append(
-        f"load average (1 min) around the RSS runs: {load_before:.1f} -> {os.getloadavg()[0]:.1f}"
-    )
-    return rows, notes
+    notes.append(f"load average (1 min) around the RSS runs: {load_before:.1f} -> "
+                 f"{os.getloadavg()[0]:.1f}")  # fmt: skip
+    return {"code": str(code), "rows": rows, "notes": notes}
 
 
-def report(rows: list[RssRow]) -> str:
+def measure(a: Namespace, work: Path) -> list[dict[str, Any]]:
+    """The rss part of benchmarks.run: one table per --code checkout."""
+    return [measure_code(code, work / str(i), a.data_root) for i, code in enumerate(a.code)]
+
+
+def report(runs: list[dict[str, Any]], a: Namespace) -> str:
+    texts = [[table_of(r["rows"]), f"trainer code: {r['code']}", *r["notes"]] for r in runs]
+    return "\n\n".join("\n\n".join(text) for text in texts)
+
+
+def table_of(rows: list[RssRow]) -> str:
     cells = [[r.dataset, r.process, f"{r.peak_mb:.0f}", f"{r.beyond_mb:.0f}"] for r in rows]
     text = (
         f"## Peak RSS (sync, N={WORKERS}, {STEPS} steps, batch 32, server evaluates twice)\n\n"

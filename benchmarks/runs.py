@@ -1,11 +1,7 @@
-"""One benchmark run of each kind, through the shared harness (smolcluster/harness.py), and
-the numbers its JSONL metrics give for a table row.
-
-Socket modes (a)-(c): the real `smolcluster server` + N `smolcluster worker` processes.
-Mode (d): N `python -m smolcluster.gloo_backend` DDP ranks that all train (rank 0 also
-evaluates), matching N socket workers each stepping one batch: the same samples per step, the
-same model and optimizer, the same seeded shards. Numbers come from the JSONL metrics the
-processes write (the same files the Ansible report reads).
+"""One benchmark run of each kind through the shared harness (smolcluster/harness.py), and the
+numbers its JSONL metrics give for a table row: the real `smolcluster server` + N workers for
+the socket modes, N `python -m smolcluster.gloo_backend` DDP ranks for gloo (same samples per
+step, model, optimizer and seeded shards).
 """
 
 from __future__ import annotations
@@ -17,11 +13,12 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import CpuWindow, cpu_marks, median, per_step_bytes, percentile
+from benchmarks.common import CpuWindow, cpu_marks, fmt, median, per_step_bytes, percentile, table
 from smolcluster.harness import LOOPBACK, SERVER, GlooRanks, LocalCluster, Processes, count_events
 from smolcluster.model import build_model
 
 EVAL_NEVER = 1_000_000  # eval_steps: only the final evaluation
+GLOO = "gloo DDP"  # the reference mode's name in every table
 
 
 @cache
@@ -47,7 +44,6 @@ class RunResult:
     cpu_ms_per_step: float = float("nan")  # CPU of all the run's processes per step
     evals: list[dict[str, Any]] = field(default_factory=list)
     steps_events: list[dict[str, Any]] = field(default_factory=list)
-    note: str = ""
 
     @property
     def sent_ratio(self) -> float:
@@ -90,21 +86,21 @@ def _measured(
     )  # fmt: skip
 
 
-def summarize_gloo(n: int, batch_size: int, ranks: GlooRanks) -> RunResult:
+def summarize_gloo(n: int, batch_size: int, ranks: GlooRanks, cpu_ms: float) -> RunResult:
     per_rank = [ranks.events(h, "step") for h in ranks.hosts]
     timed = _timed(per_rank[0])
     comm = median([s["comm_s"] / s["step_time_s"] for s in timed if s["step_time_s"] > 0])
-    summary = ranks.events("rank0", "summary")
     sent, recv = ([per_step_bytes(s, k) for s in per_rank] for k in ("bytes_sent", "bytes_recv"))
     return RunResult(
-        "gloo DDP", n, batch_size, len(per_rank[0]), comm_fraction=comm,
+        GLOO, n, batch_size, len(per_rank[0]), comm_fraction=comm, cpu_ms_per_step=cpu_ms,
         comm_how="DDP comm hook: all-reduce launch to completion / step time",
-        note=f"bytes: {summary[0].get('bytes_source', '?') if summary else '?'}",
         **_measured(ranks, "rank0", [s["step_time_s"] for s in timed], n * batch_size, sent, recv),
     )  # fmt: skip
 
 
-def summarize_socket(mode: str, n: int, batch_size: int, cluster: LocalCluster) -> RunResult:
+def summarize_socket(
+    mode: str, n: int, batch_size: int, cluster: LocalCluster, cpu_ms: float
+) -> RunResult:
     steps = cluster.events(SERVER, "step")
     timed = _timed(steps)
     times = [s["step_time_s"] for s in timed]
@@ -116,13 +112,13 @@ def summarize_socket(mode: str, n: int, batch_size: int, cluster: LocalCluster) 
     samples = median([s.get("samples", n * batch_size) for s in timed])
     sent, recv = ([per_step_bytes(s, k) for s in per_worker] for k in ("bytes_sent", "bytes_recv"))
     return RunResult(
-        mode, n, batch_size, len(steps), comm_fraction=comm, comm_how=how,
+        mode, n, batch_size, len(steps), comm_fraction=comm, comm_how=how, cpu_ms_per_step=cpu_ms,
         **_measured(cluster, SERVER, times, samples, sent, recv),
     )  # fmt: skip
 
 
 def summarize_elastic(
-    mode: str, n: int, batch_size: int, k: int, cluster: LocalCluster
+    mode: str, n: int, batch_size: int, k: int, cluster: LocalCluster, cpu_ms: float
 ) -> RunResult:
     """Elastic rows: a worker logs one step event per push, every k local steps, so per-step
     numbers are intervals between its pushes divided by the local steps in between."""
@@ -140,9 +136,8 @@ def summarize_elastic(
             recv.append(steps[0]["bytes_recv"] / steps[0]["step"])
     return RunResult(
         mode, n, batch_size, max((s[-1]["step"] for s in per_worker if s), default=0),
-        comm_fraction=float("nan"),
+        comm_fraction=float("nan"), cpu_ms_per_step=cpu_ms,
         comm_how=f"elastic: one push/pull every {k} local steps (not split per step)",
-        note=f"per local step, averaged over pushes every {k} steps",
         **_measured(cluster, SERVER, local_times, n * batch_size, sent, recv),
     )  # fmt: skip
 
@@ -178,6 +173,13 @@ def socket_cluster(
     )  # fmt: skip
 
 
+def _wait(run: Processes, lead: str, marks: tuple[int, int], timeout: float) -> float:
+    """Wait for `run` to end well; its processes' CPU ms per `lead` step between the marks."""
+    cpu = CpuWindow(lambda: count_events(run.metrics_dir / f"{lead}.jsonl", "step"), marks)
+    run.wait(timeout, poll=lambda: cpu.poll(run.pids()), check=True)
+    return 1e3 * cpu.per_step()
+
+
 def run_socket(
     label: str,
     n: int,
@@ -193,7 +195,7 @@ def run_socket(
     extra: dict[str, Any] | None = None,
     **options: Any,
 ) -> RunResult:
-    """One run; `options` go to socket_cluster (epochs, eval_steps, threads, launch)."""
+    """One run; `options` go to socket_cluster (epochs, eval_steps, threads, launch, ...)."""
     # min_workers: all N from the first step, as in sync: else, on a loaded machine, a late
     # starter can find an elastic run already over.
     config = {"mode": mode, "use_quantization": quantize, "worker_update_interval": update_interval,
@@ -201,20 +203,15 @@ def run_socket(
     cluster = socket_cluster(
         out, n, data_root, steps=steps, batch_size=batch_size, extra=config, **options
     )
-    # Elastic: the server logs one step event per merged push, steps * n / K of them.
-    merges = steps * n // update_interval
-    marks = (1, max(2, merges - 1)) if mode == "elastic" else cpu_marks(steps)
-    cpu = CpuWindow(lambda: count_events(cluster.metrics_dir / f"{SERVER}.jsonl", "step"), marks)
     cluster.start()
-    cluster.wait(timeout, poll=lambda: cpu.poll(cluster.pids()), check=True)
-    if mode == "elastic":
-        result = summarize_elastic(label, n, batch_size, update_interval, cluster)
+    k = update_interval
+    if mode == "elastic":  # the server logs one step event per merged push: steps * n / K
+        cpu = _wait(cluster, SERVER, (1, max(2, steps * n // k - 1)), timeout)
         # CPU per cluster step (n workers x one local step), comparable with sync rows.
-        result.cpu_ms_per_step = 1e3 * cpu.per_step() * n / update_interval
-    else:
-        result = summarize_socket(label, n, batch_size, cluster)
-        result.cpu_ms_per_step = 1e3 * cpu.per_step()
-    return result
+        return summarize_elastic(label, n, batch_size, k, cluster, cpu * n / k)
+    return summarize_socket(
+        label, n, batch_size, cluster, _wait(cluster, SERVER, cpu_marks(steps), timeout)
+    )
 
 
 def run_gloo(
@@ -242,10 +239,25 @@ def run_gloo(
         *(["--ifname", ifname] if ifname else []),
         master_addr=master_addr,
     )  # fmt: skip
-    cpu = CpuWindow(
-        lambda: count_events(ranks.metrics_dir / "rank0.jsonl", "step"), cpu_marks(steps)
+    return summarize_gloo(n, batch_size, ranks, _wait(ranks, "rank0", cpu_marks(steps), timeout))
+
+
+def end_to_end_table(results: list[RunResult]) -> str:
+    """The end-to-end table (loopback, or one link profile): each row against gloo's at its N."""
+    gloo = {r.workers: r for r in results if r.mode == GLOO}
+    rows = []
+    for r in results:
+        ref = gloo.get(r.workers)
+        ratio = r.samples_per_s / ref.samples_per_s if ref else None
+        cpu = r.cpu_ms_per_step / ref.cpu_ms_per_step if ref else None
+        rows.append(
+            [r.mode, str(r.workers), fmt(r.step_ms_median), fmt(r.step_ms_p90),
+             fmt(r.samples_per_s, ".0f"), fmt(ratio, ".2f"), fmt(r.cpu_ms_per_step),
+             fmt(cpu, ".2f"), fmt(r.sent_per_step, ",.0f"), fmt(r.sent_ratio, ".4f"),
+             fmt(r.recv_per_step, ",.0f"), fmt(100 * r.comm_fraction, ".0f")]
+        )  # fmt: skip
+    return table(
+        "mode|N|step ms p50|step ms p90|samples/s|x gloo|CPU ms/step|CPU x gloo|"
+        "B sent/worker/step|÷ fp32 grads|B recv/worker/step|comm %",
+        rows,
     )
-    ranks.wait(timeout, poll=lambda: cpu.poll(ranks.pids()), check=True)
-    result = summarize_gloo(n, batch_size, ranks)
-    result.cpu_ms_per_step = 1e3 * cpu.per_step()
-    return result

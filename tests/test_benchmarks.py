@@ -94,11 +94,11 @@ def test_harness_end_to_end(tmp_path: Path, offline_digits_root: Path) -> None:
     assert xchg["ratio"] == pytest.approx(xchg["ours"]["median_s"] / xchg["gloo"]["median_s"])
     # The workers' side: each waits on the exchange for less than the server's whole cycle.
     assert 0 < xchg["ours"]["wait_median_s"] < xchg["ours"]["median_s"] * 1.5
-    # "ours" is the trainer's SyncLoop, timed per exchange, against three real workers.
+    # "ours" is a real server's SyncLoop, timed per exchange (exchange_s), and three workers.
     assert xchg["ours"]["iters"] == 5
-    ran = tmp_path / "work" / "xchg" / f"ours-3-{xchg['bytes']}" / "metrics"
+    ran = tmp_path / "work" / "exchange" / f"ours-3-{xchg['bytes']}" / "metrics"
     roles = [json.loads(p.read_text().splitlines()[-1])["role"] for p in ran.glob("*.jsonl")]
-    assert roles == ["worker"] * 3
+    assert sorted(roles) == ["server"] + ["worker"] * 3
 
     tta = {r["mode"]: r for r in report["tta"]}
     assert set(tta) == set(rows)
@@ -302,14 +302,12 @@ def test_parts_and_modes_chosen_by_flags() -> None:
     assert chosen("int8", "gloo") == {"sync int8", "gloo DDP"}
     assert chosen("sync fp32") == {"sync fp32"}
     quick = run.parse(["--quick"])
-    assert (quick.crypto, quick.profile, quick.rss, quick.workers) == (True, False, False, [3])
+    assert (quick.parts, quick.workers) == (["e2e", "exchange", "tta", "study", "crypto"], [3])
     full = run.parse([])
-    assert full.crypto and full.profile and full.rss and full.workers == [2, 3, 4]
+    assert full.parts == [*run.PARTS] and full.workers == [2, 3, 4]
     assert run.parse(["--only", "rss"]).workers == []
     crypto = run.parse(["--only", "crypto"])  # its own on/off runs at N=3, not e2e
-    assert (crypto.e2e, crypto.crypto, crypto.workers, crypto.crypto_rounds) == (
-        False, True, [], 3
-    )  # fmt: skip
+    assert (crypto.parts, crypto.workers, crypto.crypto_rounds) == (["crypto"], [], 3)
 
 
 def test_the_cpu_window_closes_before_the_processes_exit() -> None:
