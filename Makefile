@@ -13,8 +13,8 @@ demo: setup
 	./scripts/demo.sh
 
 lint:
-	.venv/bin/ruff check smolcluster tests benchmarks
-	.venv/bin/ruff format --check smolcluster tests benchmarks
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
 
 test: setup-dev lint
 	.venv/bin/pytest -q -ra --durations=25

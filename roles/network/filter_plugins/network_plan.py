@@ -370,10 +370,9 @@ def darwin_interfaces(
                 errors.append(f"{item['link']}: macos_hardware_port {port!r} not found; {have}")
                 continue
             item["macos_service"] = svc
-        elif svc and svc not in services:
-            if not (mode == "p2p" and (port or svc) in ports):
-                errors.append(f"{item['link']}: macos_service {svc!r} not found; {have}")
-                continue
+        elif svc and svc not in services and not (mode == "p2p" and (port or svc) in ports):
+            errors.append(f"{item['link']}: macos_service {svc!r} not found; {have}")
+            continue
         resolved.append(item)
     for route in routes or []:
         svc = route.get("macos_service")

@@ -64,14 +64,14 @@ def smoke_message(
         sig = -rc if rc < 0 else rc - 128
         name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
         return (
-            f"{host}: {torch} crashed with {name} on import or in a tiny matmul: the wheel does not "
-            f"fit this machine{where}; reinstall it (teardown.yml -e purge=true, then site.yml) or "
-            "pin another python_env_torch_packages."
+            f"{host}: {torch} crashed with {name} on import or in a tiny matmul: the wheel does "
+            f"not fit this machine{where}; reinstall it (teardown.yml -e purge=true, then "
+            "site.yml) or pin another python_env_torch_packages."
         )
     if "ImportError" in last or "ModuleNotFoundError" in last or "OSError" in last:
         return (
-            f"{host}: importing torch/smolcluster failed with {torch}: {last} (a package is missing "
-            "from the venv, or a wheel was built for another platform or Python: check "
+            f"{host}: importing torch/smolcluster failed with {torch}: {last} (a package is "
+            "missing from the venv, or a wheel was built for another platform or Python: check "
             "python_env_find_links / python_env_torch_index_url and re-run site.yml)."
         )
     return f"{host}: the torch smoke test failed (rc {rc}) with {torch}: {last}."
