@@ -124,16 +124,23 @@ class Processes:
         self, timeout: float = 600, poll: Callable[[], object] | None = None, check: bool = False
     ) -> dict[str, int]:
         """Exit codes by name once every process has ended; `poll` runs every 10 ms meanwhile.
-        On timeout everything is killed; with check, a non-zero exit raises too."""
+        On timeout everything is killed; with check, a non-zero exit raises too. Anything else
+        that ends the wait (Ctrl-C, an error in `poll`) kills them as well: each runs in a
+        session of its own, so no terminal signal would reach them."""
         deadline = time.monotonic() + timeout
-        while any(proc.poll() is None for proc in self.procs.values()):
-            if time.monotonic() > deadline:
-                running = [name for name, proc in self.procs.items() if proc.poll() is None]
-                self.stop()
-                raise RunFailed(f"{running} still running after {timeout:.0f} s:\n{self.logs()}")
-            if poll is not None:
-                poll()
-            time.sleep(0.01 if poll else 0.1)
+        try:
+            while any(proc.poll() is None for proc in self.procs.values()):
+                if time.monotonic() > deadline:
+                    running = [name for name, proc in self.procs.items() if proc.poll() is None]
+                    raise RunFailed(
+                        f"{running} still running after {timeout:.0f} s:\n{self.logs()}"
+                    )
+                if poll is not None:
+                    poll()
+                time.sleep(0.01 if poll else 0.1)
+        except BaseException:
+            self.stop()
+            raise
         codes = {name: proc.returncode for name, proc in self.procs.items()}
         failed = [name for name, code in codes.items() if code != 0]
         if check and failed:
