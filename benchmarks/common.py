@@ -6,6 +6,7 @@ import contextlib
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import time
@@ -137,6 +138,11 @@ def time_to_accuracy(
         if e["val_accuracy"] >= target:
             return e["step"], e["wall"] - began
     return None
+
+
+def slug(mode: str) -> str:
+    """A mode's name as a directory name: 'sync fp32, server trains' -> sync-fp32-server-trains."""
+    return re.sub(r"[^a-z0-9=]+", "-", mode.lower()).strip("-")
 
 
 def fmt(value: float | None, spec: str = ".1f") -> str:

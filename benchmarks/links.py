@@ -27,7 +27,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from benchmarks.common import fmt, table
+from benchmarks.common import fmt, slug, table
 from benchmarks.runs import RunResult, end_to_end_table
 from smolcluster.harness import SERVER, worker_names
 
@@ -295,7 +295,7 @@ def run_profiles(
                     log(f"  running {mode} N={n} ({steps} steps) over {profile.label}")
                     kw, hosts = placement(fabric, n, mode == gloo_mode)
                     before = fabric.qdisc_bytes()
-                    out = work / "links" / profile.key / f"{mode.replace(' ', '-')}-{n}"
+                    out = work / "links" / profile.key / f"{slug(mode)}-{n}"
                     result = fn(n, steps, out, **kw)
                     after = fabric.qdisc_bytes()
                     wire = {k: after[k] - before[k] for k in after if after[k] > before[k]}

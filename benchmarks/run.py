@@ -24,7 +24,16 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import elastic_study, encryption, exchange, links, profile_sync, rss
-from benchmarks.common import REPO, default_data_root, fmt, header, machine, table, time_to_accuracy
+from benchmarks.common import (
+    REPO,
+    default_data_root,
+    fmt,
+    header,
+    machine,
+    slug,
+    table,
+    time_to_accuracy,
+)
 from benchmarks.runs import GLOO, RunResult, end_to_end_table, grad_bytes, run_gloo, run_socket
 from smolcluster.offline_digits import build_offline_digits
 
@@ -37,9 +46,18 @@ def mode_runners(a: argparse.Namespace) -> dict[str, Callable[..., RunResult]]:
             label, n, steps, a.batch_size, a.data_root, out, threads=a.threads, **mode, **kw
         )
 
+    def server_trains(n: int, steps: int, out: Path, **kw: Any) -> RunResult:
+        # N training processes as gloo's N ranks: the server's own shard and N - 1 workers.
+        extra = {"server_trains": True, **kw.pop("extra", {})}
+        label = "sync fp32, server trains"
+        r = socket(label)(n - 1, steps, out, extra=extra, **kw)
+        r.workers = n
+        return r
+
     elastic = f"elastic K={a.local_steps}"
     modes: dict[str, Callable[..., RunResult]] = {
         "sync fp32": socket("sync fp32"),
+        "sync fp32, server trains": server_trains,
         "sync int8": socket("sync int8", quantize=True),
         elastic: socket(elastic, mode="elastic", update_interval=a.local_steps),
         GLOO: lambda n, steps, out, **kw: run_gloo(
@@ -54,7 +72,7 @@ def measure_e2e(a: argparse.Namespace, work: Path) -> list[RunResult]:
     for n in a.workers:
         for mode, fn in mode_runners(a).items():
             print(f"  running {mode} N={n} ({a.steps} steps)", flush=True)
-            results.append(fn(n, a.steps, work / f"{mode.replace(' ', '-')}-{n}"))
+            results.append(fn(n, a.steps, work / f"{slug(mode)}-{n}"))
     return results
 
 
@@ -71,7 +89,7 @@ def report_e2e(results: list[RunResult], a: argparse.Namespace) -> str:
 def measure_tta(a: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     rows = []
     for mode, fn in mode_runners(a).items():
-        r = fn(a.tta_workers, a.tta_max_steps, work / mode.replace(" ", "-"),
+        r = fn(a.tta_workers, a.tta_max_steps, work / slug(mode),
                epochs=a.tta_epochs, eval_steps=a.tta_eval_steps)  # fmt: skip
         elastic = mode.startswith("elastic")
         lead_in = a.local_steps * r.step_ms_median / 1e3 if elastic else 0.0

@@ -57,12 +57,13 @@ def test_harness_end_to_end(tmp_path: Path, offline_digits_root: Path) -> None:
         "## Encryption on vs off",
     ):
         assert heading in text, text
-    for mode in ("sync fp32", "sync int8", "gloo DDP"):
+    modes = ("sync fp32", "sync fp32, server trains", "sync int8", "gloo DDP")
+    for mode in modes:
         assert re.search(rf"^\| {mode} +\| 2 +\|", text, re.MULTILINE), text
 
     report = json.loads(out.read_text())
     rows = {r["mode"]: r for r in report["end_to_end"]}
-    assert {"sync fp32", "sync int8", "gloo DDP"} <= set(rows)
+    assert set(modes) <= set(rows)
     for row in rows.values():
         assert row["workers"] == 2 and row["steps"] >= 8
         for key in (
@@ -81,6 +82,11 @@ def test_harness_end_to_end(tmp_path: Path, offline_digits_root: Path) -> None:
     # fp32 sends the gradients plus ~100 B of framing, int8 a quarter plus block scales,
     # and gloo's ring all-reduce at N=2 moves 2 (N-1)/N = 1x the gradients each way.
     assert 1.0 <= rows["sync fp32"]["sent_ratio"] <= 1.01
+    # N = 2 training processes: the server and one worker, 2 x 32 samples per step as gloo's.
+    trains = tmp_path / "work" / "e2e" / "sync-fp32-server-trains-2" / "metrics"
+    assert sorted(p.stem for p in trains.glob("*.jsonl")) == ["mini1", "mini2"]
+    assert {s["samples"] for s in map(json.loads, (trains / "mini1.jsonl").read_text().splitlines())
+            if s["event"] == "step"} == {64}  # fmt: skip
     assert 1.0 <= rows["sync fp32"]["recv_ratio"] <= 1.01
     assert 0.25 <= rows["sync int8"]["sent_ratio"] <= 0.26
     assert 0.95 <= rows["gloo DDP"]["sent_ratio"] <= 1.1
@@ -301,6 +307,7 @@ def test_parts_and_modes_chosen_by_flags() -> None:
 
     assert chosen("int8", "gloo") == {"sync int8", "gloo DDP"}
     assert chosen("sync fp32") == {"sync fp32"}
+    assert chosen("server") == {"sync fp32, server trains"}
     quick = run.parse(["--quick"])
     assert (quick.parts, quick.workers) == (["e2e", "exchange", "tta", "study", "crypto"], [3])
     full = run.parse([])
