@@ -5,10 +5,10 @@ Handshake frame = header (28 bytes) | metadata (JSON) | HMAC-SHA256 tag (32 byte
 from the cluster secret. Session frame (everything after the handshake) = header | metadata
 sealed (+16) | payload sealed (+16) with the cluster's AEAD (AES-256-GCM or ChaCha20-Poly1305,
 named by the server in its CHALLENGE), under per-connection, per-direction keys derived (HKDF)
-from the secret and the handshake transcript, with the frame's sequence
-number in the nonce: frames can be neither read, forged, replayed, reordered nor moved to
-another connection. The one payload every worker receives alike (a step's average) is sealed
-once under the run's broadcast key (`Broadcast`), with the step in the nonce, and sent N times.
+from the secret and the handshake transcript, with the frame's sequence number in the nonce:
+frames can be neither read, forged, replayed, reordered nor moved to another connection. The
+one payload every worker receives alike (a step's average) is sealed once under the run's
+broadcast key (`Broadcast`), with the step in the nonce, and sent N times.
 Nothing on this path is ever unpickled.
 Every phase of a connection has a deadline (Deadlines) and every frame a size limit checked on
 its header, tighter before authentication than after. docs/protocol.md has the layout and the

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import platform
 from pathlib import Path
+from typing import get_args
 
 import pytest
 
 from smolcluster.cipher import (
     AES,
+    AUTO,
     CHACHA,
+    CIPHERS,
     cpuinfo_has_aes,
     machine_has_aes,
     server_cipher,
     sysctl_has_aes,
 )
-from smolcluster.config import ConfigError, load_settings
+from smolcluster.config import ConfigError, config_fields, load_settings, value_type
 
 # Trimmed /proc/cpuinfo of the machines the cluster has, as the kernel prints them.
 X86_AES_NI = """\
@@ -111,3 +114,7 @@ def test_an_unknown_cipher_is_one_error_naming_the_key(tmp_path: Path) -> None:
         load_settings(cluster, nn)
     assert error.value.key == "cipher"
     assert "'auto', 'aes-256-gcm' or 'chacha20-poly1305'" in error.value.message
+
+
+def test_the_config_key_allows_auto_and_exactly_the_protocols_ciphers() -> None:
+    assert get_args(value_type(config_fields("cluster")["cipher"])) == (AUTO, *CIPHERS)

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from smolcluster.cipher import AES, AUTO, CHACHA, CIPHERS
 from smolcluster.harness import LocalCluster
 from smolcluster.protocol import (
-    AEADS,
     HEADER,
     TAG_LEN,
     BadTag,
@@ -36,6 +36,7 @@ from smolcluster.protocol import (
 from tests.test_protocol import MAX_FRAME, SECRET, authenticated_pair, tcp_pair
 
 OTHER = {AES: CHACHA, CHACHA: AES}
+CLASSES = {AES: AESGCM, CHACHA: ChaCha20Poly1305}  # what each name must seal with
 
 
 def serve_once(sock: socket.socket, cipher: str, box: dict) -> threading.Thread:
@@ -63,9 +64,10 @@ def test_either_cipher_seals_every_frame_and_the_broadcast(cipher: str) -> None:
     client, server = authenticated_pair({"broadcast_key": broadcast.key.hex()}, cipher=cipher)
     assert client.cipher == server.cipher == cipher
     for conn in (client, server):  # both directions under the named class
-        assert isinstance(conn._send_aead, AEADS[cipher])
-        assert isinstance(conn._recv_aead, AEADS[cipher])
-    assert isinstance(client._broadcast, AEADS[cipher])
+        assert type(conn._send_aead) is CLASSES[cipher]
+        assert type(conn._recv_aead) is CLASSES[cipher]
+    assert type(client._broadcast) is CLASSES[cipher]
+    assert type(broadcast._aead) is CLASSES[cipher]
     grads = torch.randn(10_000)
     client.send(MsgType.GRADS, {"step": 3}, grads.numpy())
     assert bytes(server.recv().payload) == grads.numpy().tobytes()
@@ -166,52 +168,62 @@ def renamed(challenge: bytes, cipher: str, s2c_key: bytes | None) -> bytes:
     return head + meta + tag
 
 
-@pytest.mark.parametrize("with_keys", [False, True], ids=["tag-kept", "tag-recomputed"])
-def test_a_rewritten_cipher_in_challenge_fails_the_session(with_keys: bool) -> None:
-    """The proxy names ChaCha20-Poly1305 where the server said AES-256-GCM. Without the
-    handshake keys its CHALLENGE fails its tag; with them (re-tagged) the worker seals with the
-    name it was given under keys from what it received, the server under keys from what it
-    sent: WELCOME, the first sealed frame, does not open. Either way no session."""
-    s2c = hmac.new(SECRET, b"smolcluster/1 handshake s2c", hashlib.sha256).digest()
+S2C = hmac.new(SECRET, b"smolcluster/1 handshake s2c", hashlib.sha256).digest()  # handshake key
+
+
+def through_rewriting_proxy(
+    name: str, s2c_key: bytes | None, cipher: str = AUTO
+) -> tuple[ProtocolError, dict, list[bytes]]:
+    """A worker set to `cipher` dials an AES-256-GCM server through a proxy that renames the
+    cipher in CHALLENGE to `name`: what the worker raised, the server's box, the CHALLENGEs
+    the proxy saw."""
     with socket.create_server(("127.0.0.1", 0)) as listener:
         port, seen = downgrading_proxy(
-            listener.getsockname()[1],
-            lambda frame: renamed(frame, CHACHA, s2c if with_keys else None),
+            listener.getsockname()[1], lambda frame: renamed(frame, name, s2c_key)
         )
         worker = socket.create_connection(("127.0.0.1", port))
         served, _ = listener.accept()
     box: dict = {}
     thread = serve_once(served, AES, box)
     try:
-        if with_keys:
-            with pytest.raises(BadTag, match="bad tag on WELCOME frame 1"):
-                client_handshake(worker, SECRET, {"host": "t"}, MAX_FRAME, "test", cipher=AUTO)
-        else:
-            with pytest.raises(WrongSecret):
-                client_handshake(worker, SECRET, {"host": "t"}, MAX_FRAME, "test", cipher=AUTO)
+        client_handshake(worker, SECRET, {"host": "t"}, MAX_FRAME, "test", cipher=cipher)
+    except ProtocolError as exc:
+        raised = exc
+    else:
+        raise AssertionError("the worker got a session through the rewritten CHALLENGE")
     finally:
         worker.close()
     thread.join(timeout=15)
-    assert json.loads(seen[0][HEADER.size : -TAG_LEN])["cipher"] == AES  # it was rewritten
+    assert json.loads(seen[0][HEADER.size : -TAG_LEN])["cipher"] == AES  # what the server said
     assert "frame" not in box  # the server never got a frame in a session
+    return raised, box, seen
+
+
+def test_a_rewritten_cipher_in_challenge_fails_its_tag() -> None:
+    """Without the handshake keys the proxy's CHALLENGE fails its HMAC: no session."""
+    raised, box, _ = through_rewriting_proxy(CHACHA, None)
+    assert isinstance(raised, WrongSecret)
     assert isinstance(box["error"], ProtocolError)
 
 
+def test_a_rewritten_and_retagged_cipher_fails_the_first_sealed_frame() -> None:
+    """With the handshake keys (re-tagged), the worker seals with the name it was given under
+    keys from what it received, the server under keys from what it sent: WELCOME, the first
+    sealed frame, does not open. No downgrade."""
+    raised, box, _ = through_rewriting_proxy(CHACHA, S2C)
+    assert isinstance(raised, BadTag) and "bad tag on WELCOME frame 1" in str(raised)
+    assert isinstance(box["error"], ProtocolError)
+
+
+def test_a_challenge_naming_another_cipher_than_the_workers_own_is_refused() -> None:
+    raised, _, _ = through_rewriting_proxy(CHACHA, S2C, cipher=AES)
+    assert isinstance(raised, WrongCipher)
+    assert "the server seals with chacha20-poly1305, this worker is configured for " in str(raised)
+
+
 def test_a_challenge_naming_no_known_cipher_is_refused() -> None:
-    s2c = hmac.new(SECRET, b"smolcluster/1 handshake s2c", hashlib.sha256).digest()
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        port, _ = downgrading_proxy(
-            listener.getsockname()[1], lambda frame: renamed(frame, "rot13", s2c)
-        )
-        worker = socket.create_connection(("127.0.0.1", port))
-        served, _ = listener.accept()
-    box: dict = {}
-    thread = serve_once(served, AES, box)
-    with pytest.raises(ProtocolError, match="no cipher we know \\('rot13'\\)"):
-        client_handshake(worker, SECRET, {"host": "t"}, MAX_FRAME, "test")
-    worker.close()
-    thread.join(timeout=15)
-    assert "server" not in box
+    raised, _, _ = through_rewriting_proxy("rot13", S2C)
+    assert "handshake names no cipher we know ('rot13')" in str(raised)
 
 
 # -- real processes --------------------------------------------------------------------------
