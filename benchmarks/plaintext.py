@@ -1,17 +1,16 @@
 """`python -m benchmarks.plaintext <smolcluster args>`: the smolcluster CLI with encryption
-off, for benchmarks/encryption.py's on/off comparison only (protocol 3 has no off switch, on
+off, for benchmarks/encryption.py's on/off comparison only (the protocol has no off switch, on
 purpose: nobody should train in the clear by a config typo).
 
-Before running the CLI in this process it swaps the AEAD class protocol.py seals with for
-NullAEAD: the same calls, the same 16-byte tag (zeroed), so frame sizes, buffers and every
-other code path stay the trainer's own; only the cipher pass becomes a copy. A peer that
+Before running the CLI in this process it swaps every AEAD class protocol.py may seal with
+(whichever cipher the handshake names) for NullAEAD: the same calls, the same 16-byte tag
+(zeroed), so frame sizes, buffers and every other code path stay the trainer's own; only the
+cipher pass becomes a copy. A peer that
 really encrypts fails on the first sealed frame either way (neither side's tags verify), so
 the server and every worker of an "off" run start here.
 """
 
 from __future__ import annotations
-
-import os
 
 from cryptography.exceptions import InvalidTag
 
@@ -33,15 +32,12 @@ def _opened(data: bytes | bytearray | memoryview) -> memoryview:
 
 
 class NullAEAD:
-    """ChaCha20Poly1305's interface as protocol.py uses it, copying bytes through."""
+    """The AEAD interface (AESGCM's, ChaCha20Poly1305's) as protocol.py uses it, copying bytes
+    through."""
 
     def __init__(self, key: bytes) -> None:
         if len(key) != protocol.KEY_LEN:
             raise ValueError(f"a {protocol.KEY_LEN}-byte key, not {len(key)}")
-
-    @staticmethod
-    def generate_key() -> bytes:
-        return os.urandom(protocol.KEY_LEN)
 
     def encrypt(self, nonce: bytes, data: bytes, aad: bytes | None) -> bytes:
         return bytes(data) + ZERO_TAG
@@ -62,8 +58,10 @@ class NullAEAD:
 
 
 def install() -> None:
-    """From now on this process seals nothing: protocol.py looks the class up at each use."""
-    protocol.ChaCha20Poly1305 = NullAEAD  # type: ignore[misc, assignment]
+    """From now on this process seals nothing, with either cipher: protocol.py looks the class
+    up in AEADS at each construction."""
+    for name in protocol.AEADS:
+        protocol.AEADS[name] = NullAEAD
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,8 +33,8 @@ def fn(*names: str) -> str:
 # (bucket, regex over one frame), tried from the leaf of a stack up.
 BUCKETS = [
     ("hashing (SHA-256, HMAC)", fn("payload_digest", "openssl_sha256", "_mac_key") + "|hmac\\.py"),
-    ("AEAD seal/open (ChaCha20-Poly1305)", fn("_seal_payload", "_recv_sealed_frame", "seal",
-                                               "_open_broadcast", "encrypt", "decrypt")),
+    ("AEAD seal/open (the run's cipher)", fn("_seal_payload", "_recv_sealed_frame", "seal",
+                                             "_open_broadcast", "encrypt", "decrypt")),
     ("waiting (poll, queue get, lock)", fn("_wait", "wait", "get") + r"|queue\.py:1[0-9]{2}\)"),
     ("recv_into (kernel copy in)", fn("_recv_exact", "recv_into")),
     ("sendmsg (kernel copy out)", fn("_sendmsg", "sendmsg")),

@@ -45,6 +45,8 @@ class ClusterConfig(_Strict):
     mode: Literal["sync", "elastic"] = "sync"
     backend: Literal["socket", "gloo"] = "socket"
     bind_address: str = "0.0.0.0"
+    # The AEAD of every session frame; auto: the server picks by its CPU, workers follow.
+    cipher: Literal["auto", "aes-256-gcm", "chacha20-poly1305"] = "auto"
     secret_file: str = "secret"
     metrics_dir: str = "runs/latest"
     checkpoint_dir: str = "checkpoints"

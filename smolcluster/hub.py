@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from smolcluster.cipher import server_cipher
 from smolcluster.config import ClusterConfig
 from smolcluster.listener import Listener, raise_file_limit
 from smolcluster.protocol import (
@@ -97,7 +98,9 @@ class Hub:
         self.terminate = threading.Event()  # SIGTERM/SIGINT: checkpoint and exit
         self.listener: Listener | None = None
         self.payload_limits: dict[MsgType, int] = {}  # what a worker's frames may carry
-        self.broadcast = Broadcast()  # seals a step's average once for every worker
+        # One cipher for the whole cluster: the average is sealed once for every worker.
+        self.cipher = server_cipher(cfg.cipher)
+        self.broadcast = Broadcast(self.cipher)  # seals a step's average once for every worker
         # Told of every joined/started/left (the server writes them as member records).
         self.on_change: Callable[[str, Peer, str | None], None] = lambda *_: None
 
@@ -114,9 +117,12 @@ class Hub:
             self.cfg.max_handshakes,
             self.cfg.max_handshakes_per_address,
             self._serve_connection,
+            self.cipher,
         )
         self.listener.start()
-        log.info("listening on %s:%d", self.cfg.bind_address, self.cfg.port)
+        log.info(
+            "listening on %s:%d, sealing with %s", self.cfg.bind_address, self.cfg.port, self.cipher
+        )
 
     def close(self) -> None:
         """Stop accepting; the connections stay until await_goodbyes."""

@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from smolcluster.cipher import CHACHA
 from smolcluster.protocol import Connection, Deadlines, ProtocolError, server_handshake
 
 log = logging.getLogger("smolcluster")
@@ -54,8 +55,10 @@ class Listener:
         max_handshakes: int,
         max_per_address: int,
         serve: Callable[[Connection, dict[str, Any], str], None],
+        cipher: str = CHACHA,
     ) -> None:
         self.sock, self.secret, self.max_frame, self.deadlines = sock, secret, max_frame, deadlines
+        self.cipher = cipher  # the cluster's, named to every client in its handshake
         self.max_handshakes, self.max_per_address = max_handshakes, max_per_address
         self.serve = serve
         self.stopping = threading.Event()
@@ -135,7 +138,7 @@ class Listener:
         try:
             try:
                 conn, hello = server_handshake(
-                    sock, self.secret, self.max_frame, where, self.deadlines
+                    sock, self.secret, self.max_frame, where, self.deadlines, self.cipher
                 )
             finally:
                 self._release(address[0])

@@ -3,11 +3,12 @@ tensor buffer.
 
 Handshake frame = header (28 bytes) | metadata (JSON) | HMAC-SHA256 tag (32 bytes), under keys
 from the cluster secret. Session frame (everything after the handshake) = header | metadata
-sealed with ChaCha20-Poly1305 (+16) | payload sealed (+16), under per-connection, per-direction
-keys derived (HKDF) from the secret and the handshake transcript, with the frame's sequence
-number in the nonce: frames can be neither read, forged, replayed, reordered nor moved to
-another connection. The one payload every worker receives alike (a step's average) is sealed
-once under the run's broadcast key (`Broadcast`), with the step in the nonce, and sent N times.
+sealed (+16) | payload sealed (+16) with the cluster's AEAD (AES-256-GCM or ChaCha20-Poly1305,
+named by the server in its CHALLENGE), under per-connection, per-direction keys derived (HKDF)
+from the secret and the handshake transcript, with the frame's sequence number in the nonce:
+frames can be neither read, forged, replayed, reordered nor moved to another connection. The
+one payload every worker receives alike (a step's average) is sealed once under the run's
+broadcast key (`Broadcast`), with the step in the nonce, and sent N times.
 Nothing on this path is ever unpickled.
 Every phase of a connection has a deadline (Deadlines) and every frame a size limit checked on
 its header, tighter before authentication than after. docs/protocol.md has the layout and the
@@ -35,15 +36,23 @@ from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from smolcluster.cipher import AES, AUTO, CHACHA, CIPHERS
+
 MAGIC = b"SMCL"
-VERSION = 3  # 3: session frames sealed (ChaCha20-Poly1305); 2: HMAC over SHA-256(payload)
+# 4: the server names the cipher in CHALLENGE; 3: session frames sealed (ChaCha20-Poly1305);
+# 2: HMAC over SHA-256(payload)
+VERSION = 4
 HEADER = struct.Struct("!4sBBHQIQ")  # magic, version, type, flags, seq, meta_len, payload_len
 TAG_LEN = 32  # a handshake frame's HMAC-SHA256
-SEAL_TAG = 16  # Poly1305, after each sealed part of a session frame
+SEAL_TAG = 16  # GCM's or Poly1305's, after each sealed part of a session frame
 KEY_LEN = 32
+# The cluster cipher's name -> its AEAD class, looked up at each construction (a benchmark
+# swaps the classes for a null one). Both take 32-byte keys and 12-byte nonces.
+AEADS: dict[str, Any] = {AES: AESGCM, CHACHA: ChaCha20Poly1305}
+AEAD = AESGCM | ChaCha20Poly1305
 # The 12-byte nonce of a sealed part: what it is (4 bytes), then a counter (8): the frame's
 # sequence number on a connection, the step under the broadcast key. No two parts sealed
 # under one key share a nonce.
@@ -114,6 +123,16 @@ class WrongVersion(Refused):
 
 class Busy(ProtocolError):
     """The server still holds this host's previous connection: dial again (not a Refused)."""
+
+
+class WrongCipher(Refused):
+    """The server seals with another cipher than this worker's explicit `cipher` key."""
+
+    def __init__(self, server: str, configured: object) -> None:
+        super().__init__(
+            f"cipher: the server seals with {server}, this worker is configured for "
+            f"{configured}; set the same cipher (or auto) on every host"
+        )
 
 
 class WrongSecret(Refused):
@@ -202,9 +221,9 @@ class Broadcast:
     The key is fresh per server process and goes to each worker inside its sealed WELCOME; a
     step is sealed at most once, so no nonce repeats under the key."""
 
-    def __init__(self) -> None:
-        self.key = ChaCha20Poly1305.generate_key()
-        self._aead = ChaCha20Poly1305(self.key)
+    def __init__(self, cipher: str = CHACHA) -> None:
+        self.key = os.urandom(KEY_LEN)
+        self._aead = AEADS[cipher](self.key)
         self._last_step = -1
         self._buffer = bytearray(0)
 
@@ -311,7 +330,7 @@ class Connection(Channel):
     """One authenticated peer. Not thread-safe per direction: one sender, one receiver.
 
     It starts in the handshake (frames HMAC-tagged under the given keys, every frame's bytes
-    hashed into the transcript) and is sealed from `rekey` on (ChaCha20-Poly1305 per
+    hashed into the transcript) and is sealed from `rekey` on (the cluster's AEAD, one key per
     direction)."""
 
     def __init__(
@@ -329,9 +348,10 @@ class Connection(Channel):
         # type -> the largest payload it may carry; None: anything within max_frame.
         self.payload_limits: Mapping[MsgType, int] | None = None
         self._send_key, self._recv_key = send_key, recv_key
-        self._send_aead: ChaCha20Poly1305 | None = None  # sealed from rekey on
-        self._recv_aead: ChaCha20Poly1305 | None = None
-        self._broadcast: ChaCha20Poly1305 | None = None  # the server's, on a worker
+        self.cipher = CHACHA  # the cluster's, from rekey on
+        self._send_aead: AEAD | None = None  # sealed from rekey on
+        self._recv_aead: AEAD | None = None
+        self._broadcast: AEAD | None = None  # the server's, on a worker
         self.transcript = hashlib.sha256()  # every handshake frame, both directions
         self._send_seq = 0
         self._recv_seq = 0
@@ -342,13 +362,14 @@ class Connection(Channel):
         self._outgoing = bytearray(0)  # a payload sealed for sending
         self._send_lock = threading.Lock()  # heartbeats come from a second thread
 
-    def rekey(self, send_key: bytes, recv_key: bytes) -> None:
-        """From the next frame on, seal every frame: ChaCha20-Poly1305 under these keys."""
-        self._send_aead, self._recv_aead = ChaCha20Poly1305(send_key), ChaCha20Poly1305(recv_key)
+    def rekey(self, send_key: bytes, recv_key: bytes, cipher: str = CHACHA) -> None:
+        """From the next frame on, seal every frame with `cipher` under these keys."""
+        aead = AEADS[cipher]
+        self.cipher, self._send_aead, self._recv_aead = cipher, aead(send_key), aead(recv_key)
 
     def accept_broadcasts(self, key: bytes) -> None:
         """Open FLAG_BROADCAST payloads with the server's broadcast key (from its WELCOME)."""
-        self._broadcast = ChaCha20Poly1305(key)
+        self._broadcast = AEADS[self.cipher](key)
 
     def limit_payloads(self, limits: Mapping[MsgType, int]) -> None:
         """From now on accept only these types with a payload of at most their size (others:
@@ -563,21 +584,23 @@ def _handshake_keys(secret: bytes) -> tuple[bytes, bytes]:
 def _session_keys(secret: bytes, transcript: bytes) -> tuple[bytes, bytes]:
     """(client-to-server, server-to-client) keys: HKDF-SHA256 of the secret, salted with the
     SHA-256 of the handshake transcript, so every connection has keys of its own."""
-    hkdf = HKDF(hashes.SHA256(), 2 * KEY_LEN, salt=transcript, info=b"smolcluster/3 session")
+    hkdf = HKDF(hashes.SHA256(), 2 * KEY_LEN, salt=transcript, info=b"smolcluster/4 session")
     keys = hkdf.derive(secret)
     return keys[:KEY_LEN], keys[KEY_LEN:]
 
 
 def _refuse_old_peer(sock: socket.socket, secret: bytes, version: int) -> None:
-    """Answer a version-2 HELLO with a REJECT a version-2 worker verifies and reports (its
-    handshake frames are tagged as ours are, over SHA-256 of the empty payload), so the old
-    side stops with the reason instead of redialling; other versions are only closed."""
-    if version != 2:
+    """Answer a version-2 or -3 HELLO with a REJECT that worker verifies and reports (tagged as
+    its handshake frames are: version 3 as ours, version 2 over SHA-256 of the empty payload),
+    so the old side stops with the reason instead of redialling; other versions are only
+    closed."""
+    if version not in (2, 3):
         return
     reason = json.dumps({"reason": str(WrongVersion(version))}).encode()
     header = HEADER.pack(MAGIC, version, int(MsgType.REJECT), 0, 0, len(reason), 0)
     mac = hmac.new(_handshake_keys(secret)[1], header + reason, hashlib.sha256)
-    mac.update(hashlib.sha256(b"").digest())
+    if version == 2:
+        mac.update(hashlib.sha256(b"").digest())
     with contextlib.suppress(OSError):
         sock.sendall(header + reason + mac.digest())
         sock.shutdown(socket.SHUT_WR)
@@ -620,8 +643,10 @@ def client_handshake(
     max_frame: int,
     peer: str,
     deadlines: Deadlines | None = None,
+    cipher: str = AUTO,
 ) -> tuple[Connection, Frame]:
-    """Authenticate to the server; return the connection and its WELCOME frame.
+    """Authenticate to the server; return the connection and its WELCOME frame. `cipher`:
+    this worker's key, `auto` to seal with whatever the server names.
 
     WrongSecret when the server's answer does not verify under our secret (it sends REJECT
     under its own when our HELLO fails); Refused when it says no for another reason."""
@@ -631,7 +656,7 @@ def client_handshake(
     _handshaking(conn, deadlines.handshake)
     nonce_c = os.urandom(NONCE_LEN)
     try:
-        conn.send(MsgType.HELLO, {**hello, "nonce": nonce_c.hex()})
+        conn.send(MsgType.HELLO, {**hello, "cipher": cipher, "nonce": nonce_c.hex()})
         first = conn.expect(MsgType.CHALLENGE, MsgType.REJECT)
     except BadTag:
         raise WrongSecret(
@@ -641,8 +666,15 @@ def client_handshake(
     if first.type == MsgType.REJECT:
         raise Refused(f"server refused us: {first.meta.get('reason', '?')}")
     nonce_s = _nonce(first.meta, "nonce")
+    named = first.meta.get("cipher")
+    if named not in CIPHERS:
+        raise ProtocolError(f"handshake names no cipher we know ({named!r})")
+    if cipher not in (AUTO, named):
+        raise WrongCipher(named, cipher)
     conn.send(MsgType.AUTH, {"proof": _proof(secret, nonce_c, nonce_s)})
-    conn.rekey(*_session_keys(secret, conn.transcript.digest()))
+    # The name is in the transcript: a CHALLENGE rewritten on the way gives us other keys
+    # than the server's, and WELCOME fails to open.
+    conn.rekey(*_session_keys(secret, conn.transcript.digest()), named)
     reply = conn.expect(MsgType.WELCOME, MsgType.REJECT)
     if reply.type == MsgType.REJECT:
         refusal = Busy if reply.meta.get("retry") is True else Refused
@@ -659,8 +691,10 @@ def server_handshake(
     max_frame: int,
     peer: str,
     deadlines: Deadlines | None = None,
+    cipher: str = CHACHA,
 ) -> tuple[Connection, dict[str, Any]]:
     """Check a client's proof of the secret; the caller sends WELCOME or REJECT after.
+    `cipher`: the cluster's, named in CHALLENGE; a client configured for another is refused.
 
     A HELLO whose tag fails is answered with REJECT under our key, which the client cannot
     verify either: that is how a worker with the wrong secret learns so at once."""
@@ -678,14 +712,20 @@ def server_handshake(
         _refuse_old_peer(sock, secret, exc.version)
         raise
     nonce_c = _nonce(hello, "nonce")
+    wanted = hello.get("cipher")
+    if wanted not in (AUTO, cipher):
+        refusal = WrongCipher(cipher, wanted)
+        with contextlib.suppress(ProtocolError):
+            conn.send(MsgType.REJECT, {"reason": str(refusal)})
+        raise refusal
     nonce_s = os.urandom(NONCE_LEN)
-    conn.send(MsgType.CHALLENGE, {"nonce": nonce_s.hex()})
+    conn.send(MsgType.CHALLENGE, {"nonce": nonce_s.hex(), "cipher": cipher})
     proof = conn.expect(MsgType.AUTH).meta.get("proof")
     if not (isinstance(proof, str) and proof.isascii()) or not hmac.compare_digest(
         proof, _proof(secret, nonce_c, nonce_s)
     ):
         raise ProtocolError("authentication failed (wrong cluster secret?)")
     send_key, recv_key = _session_keys(secret, conn.transcript.digest())[::-1]
-    conn.rekey(send_key, recv_key)
+    conn.rekey(send_key, recv_key, cipher)
     _session(conn)
     return conn, hello

@@ -70,6 +70,7 @@ class Worker:
                     self.cfg.max_frame_bytes,
                     f"{target[0]}:{target[1]}",
                     deadlines,
+                    self.cfg.cipher,
                 )
                 log.info("connected to %s:%d as %s (rank %d)", *target, self.host, self.rank)
                 return conn

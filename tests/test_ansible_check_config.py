@@ -91,3 +91,36 @@ def test_a_good_config_passes_in_check_mode_too_and_changes_nothing(checkout: Pa
     task = checked.stdout.split(f"TASK [trainer : {CHECK_TASK}]", 1)[1].split("TASK [", 1)[0]
     assert "ok: [mini1]" in task and "ok: [mini2]" in task, show(checked)
     assert all(counts["changed"] == 0 for counts in recap(checked.stdout).values()), show(checked)
+
+
+def test_auto_seals_with_aes_only_when_every_host_has_it(checkout: Path, tmp_path: Path) -> None:
+    """Each host answers with the trainer's own detection (`python -m smolcluster.cipher`);
+    mini2 here answers as a Pi 4 would, through a venv whose python prints that answer."""
+    rendered = Path(checkout, "hosts", "mini1", "config", "cluster_config.yaml")
+    on_this_cpu = subprocess.run(
+        [sys.executable, "-m", "smolcluster.cipher"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    both = run(checkout)
+    assert both.returncode == 0, show(both)
+    assert load_settings(rendered, rendered.with_name("nn_config.yaml")).cluster.cipher == (
+        on_this_cpu
+    )
+    pi4 = tmp_path / "pi4-venv"
+    (pi4 / "bin").mkdir(parents=True)
+    (pi4 / "bin" / "python").write_text("#!/bin/sh\necho chacha20-poly1305\n")
+    (pi4 / "bin" / "python").chmod(0o755)
+    (pi4 / "bin" / "smolcluster").symlink_to(Path(sys.prefix, "bin", "smolcluster"))
+    inventory = checkout / "inventory" / "check-config.yml"
+    hosts = yaml.safe_load(inventory.read_text())["all"]["children"]
+    mini2 = hosts["workers"]["hosts"]["mini2"]
+    hosts["workers"]["hosts"]["mini2"] = {**mini2, "smolcluster_venv": str(pi4)}  # mini1's stays
+    inventory.write_text(yaml.safe_dump({"all": {"children": hosts}}))
+    mixed = run(checkout)
+    assert mixed.returncode == 0, show(mixed)
+    for host in ("mini1", "mini2"):
+        config = Path(checkout, "hosts", host, "config")
+        settings = load_settings(config / "cluster_config.yaml", config / "nn_config.yaml")
+        assert settings.cluster.cipher == "chacha20-poly1305", host
+    explicit = run(checkout, "-e", "trainer_cipher=aes-256-gcm")
+    assert explicit.returncode == 0, show(explicit)
+    assert "cipher: aes-256-gcm" in rendered.read_text()

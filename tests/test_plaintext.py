@@ -12,18 +12,23 @@ from pathlib import Path
 import pytest
 
 from benchmarks.common import code_env
-from benchmarks.plaintext import ZERO_TAG, NullAEAD
+from benchmarks.plaintext import ZERO_TAG, install
 from benchmarks.runs import socket_cluster
 from smolcluster import protocol
+from smolcluster.cipher import CIPHERS
 from smolcluster.protocol import HEADER, MsgType
 from tests.test_protocol import authenticated_pair
 
 
+@pytest.mark.parametrize("cipher", CIPHERS)
 def test_a_null_sealed_frame_is_the_plaintext_and_a_zero_tag(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, cipher: str
 ) -> None:
-    monkeypatch.setattr(protocol, "ChaCha20Poly1305", NullAEAD)
-    client, server = authenticated_pair()
+    """Whichever cipher the server names, install() has swapped it for the null AEAD."""
+    monkeypatch.setattr(protocol, "AEADS", dict(protocol.AEADS))
+    install()
+    client, server = authenticated_pair(cipher=cipher)
+    assert client.cipher == server.cipher == cipher
     floats = struct.pack("<4f", 1.5, -2.25, 3.0, 0.125)
     meta = {"step": 7}
     client.send(MsgType.GRADS, meta, floats)

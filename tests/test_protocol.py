@@ -17,6 +17,7 @@ import pytest
 import torch
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
+from smolcluster.cipher import CHACHA
 from smolcluster.harness import LocalCluster
 from smolcluster.protocol import (
     HEADER,
@@ -47,12 +48,14 @@ def tcp_pair() -> tuple[socket.socket, socket.socket]:
     return client, server
 
 
-def authenticated_pair(welcome: dict | None = None) -> tuple[Connection, Connection]:
+def authenticated_pair(
+    welcome: dict | None = None, cipher: str = CHACHA
+) -> tuple[Connection, Connection]:
     a, b = tcp_pair()
     box: dict[str, Connection] = {}
 
     def serve() -> None:
-        conn, _ = server_handshake(b, SECRET, MAX_FRAME, "test")
+        conn, _ = server_handshake(b, SECRET, MAX_FRAME, "test", cipher=cipher)
         conn.send(MsgType.WELCOME, welcome or {})  # the server admits the client
         box["server"] = conn
 
@@ -195,8 +198,10 @@ def test_one_broadcast_seal_opens_on_every_connection_for_its_step_only() -> Non
         client.recv()
 
 
-def test_an_old_version_peer_is_refused_with_a_reason_it_can_read() -> None:
-    """A version-2 worker's HELLO gets a version-2 REJECT tagged as version 2 tags it."""
+@pytest.mark.parametrize("version", [2, 3])
+def test_an_old_version_peer_is_refused_with_a_reason_it_can_read(version: int) -> None:
+    """A version-2 (or -3) worker's HELLO gets a REJECT of its version, tagged as it tags
+    handshake frames (version 2 over SHA-256 of the empty payload, version 3 as 4 does)."""
     a, b = tcp_pair()
     errors: list[Exception] = []
 
@@ -210,21 +215,21 @@ def test_an_old_version_peer_is_refused_with_a_reason_it_can_read() -> None:
     thread = threading.Thread(target=serve)
     thread.start()
     s2c = hmac.new(SECRET, b"smolcluster/1 handshake s2c", hashlib.sha256).digest()
-    a.sendall(_old_version_hello(SECRET))
+    a.sendall(_old_version_hello(SECRET, version))
     reply = b""
     while chunk := a.recv(65536):
         reply += chunk
     thread.join()
-    _, version, mtype, _, _, meta_len, _ = HEADER.unpack(reply[: HEADER.size])
+    _, got_version, mtype, _, _, meta_len, _ = HEADER.unpack(reply[: HEADER.size])
     body = reply[HEADER.size : HEADER.size + meta_len]
-    expected = hmac.new(
-        s2c, reply[: HEADER.size] + body + hashlib.sha256(b"").digest(), hashlib.sha256
-    ).digest()
-    assert (version, mtype) == (2, MsgType.REJECT) and reply[-TAG_LEN:] == expected
+    empty_payload = hashlib.sha256(b"").digest() if version == 2 else b""
+    expected = hmac.new(s2c, reply[: HEADER.size] + body + empty_payload, hashlib.sha256)
+    assert (got_version, mtype) == (version, MsgType.REJECT)
+    assert reply[-TAG_LEN:] == expected.digest()
+    assert f"protocol version {version}, expected 4".encode() in body
     assert b"older smolcluster" in body
-    assert isinstance(errors[0], WrongVersion) and "protocol version 2, expected 3" in str(
-        errors[0]
-    )
+    assert isinstance(errors[0], WrongVersion)
+    assert f"protocol version {version}, expected 4" in str(errors[0])
 
 
 def test_wrong_secret_is_refused() -> None:
@@ -287,14 +292,14 @@ def _attack(port: int, data: bytes, linger: float = 0.0) -> str:
     return closed
 
 
-def _old_version_hello(secret: bytes) -> bytes:
-    """A HELLO exactly as a version-2 worker sends it."""
+def _old_version_hello(secret: bytes, version: int = 2) -> bytes:
+    """A HELLO exactly as a version-2 (or -3) worker sends it: version 2 tags SHA-256 of the
+    empty payload, version 3 no payload at all; neither names a cipher."""
     c2s = hmac.new(secret, b"smolcluster/1 handshake c2s", hashlib.sha256).digest()
     meta = b'{"host":"mini2","rank":1,"mode":"sync","nonce":"' + b"00" * 32 + b'"}'
-    head = HEADER.pack(MAGIC, 2, MsgType.HELLO, 0, 0, len(meta), 0)
-    return (
-        head + meta + hmac.new(c2s, head + meta + hashlib.sha256(b"").digest(), "sha256").digest()
-    )
+    head = HEADER.pack(MAGIC, version, MsgType.HELLO, 0, 0, len(meta), 0)
+    empty_payload = hashlib.sha256(b"").digest() if version == 2 else b""
+    return head + meta + hmac.new(c2s, head + meta + empty_payload, "sha256").digest()
 
 
 def _exchange(port: int, data: bytes) -> bytes:
@@ -391,8 +396,9 @@ def test_bad_input_closes_only_that_connection(tmp_path: Path, offline_digits_ro
     reordering.sock.sendall(bytes(third))
 
     port = cluster.port
-    old = _old_version_hello(cluster.secret)
-    assert b"older smolcluster" in _exchange(port, old)  # an old worker is told why
+    for version in (2, 3):  # an old worker is told why
+        old = _old_version_hello(cluster.secret, version)
+        assert b"older smolcluster" in _exchange(port, old)
     attacks = {
         "bad magic": _header(magic=b"EVIL") + b"{}" + bytes(TAG_LEN),
         "wrong version": _header(version=99) + b"{}" + bytes(TAG_LEN),
@@ -420,7 +426,8 @@ def test_bad_input_closes_only_that_connection(tmp_path: Path, offline_digits_ro
     for reason in (
         "bad magic",
         "protocol version 99",
-        "protocol version 2, expected 3",
+        "protocol version 2, expected 4",
+        "protocol version 3, expected 4",
         "exceeds the limit",
         "bad HMAC",
         "unknown message type 200",
