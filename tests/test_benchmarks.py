@@ -121,19 +121,22 @@ def test_harness_end_to_end(tmp_path: Path, offline_digits_root: Path) -> None:
     assert report["machine"]["nproc"] and report["machine"]["torch"]
     assert re.search(r"^# smolcluster benchmarks, .*, commit \w+", text, re.MULTILINE), text
     assert "load average (1, 5, 15 min)" in text, text
-    # Encryption: one sync fp32 run at N=3 each way, the off run's processes all plaintext
-    # (tests/test_plaintext.py shows the swap is in effect), with the same frames on the wire.
+    # Encryption: one sync fp32 run at N=3 with each cipher and one off, the off run's
+    # processes all plaintext (tests/test_plaintext.py shows the swap is in effect), with the
+    # same frames on the wire; each cipher's run really sealed with it (its server log says).
     crypto = report["encryption"]
     assert (crypto["n"], crypto["steps"], crypto["rounds"]) == (3, 8, 1)
-    assert crypto["sent_per_step_on"] == pytest.approx(crypto["sent_per_step_off"], rel=1e-3)
-    assert crypto["sent_per_step_on"] / report["grad_bytes"] == pytest.approx(1, abs=0.01)
-    for side in ("on", "off"):
-        (run,) = crypto[f"runs_{side}"]
-        assert run["steps"] == 8 and crypto[f"samples_per_s_{side}"] == run["samples_per_s"] > 0
-    assert crypto["slowdown"] == pytest.approx(
-        crypto["samples_per_s_off"] / crypto["samples_per_s_on"] - 1
-    )
-    assert re.search(r"^\| 3 +\| 8 x 1 +\|", text, re.MULTILINE), text
+    off = crypto["off"]
+    assert off["sent_per_step"] / report["grad_bytes"] == pytest.approx(1, abs=0.01)
+    for cipher in ("aes-256-gcm", "chacha20-poly1305"):
+        on = crypto[cipher]
+        assert on["sent_per_step"] == pytest.approx(off["sent_per_step"], rel=1e-3)
+        (run,) = on["runs"]
+        assert run["steps"] == 8 and on["samples_per_s"] == run["samples_per_s"] > 0
+        assert on["slowdown"] == pytest.approx(off["samples_per_s"] / on["samples_per_s"] - 1)
+        server_log = (tmp_path / "work" / "crypto" / f"{cipher}-0" / "mini1.log").read_text()
+        assert f"sealing with {cipher}" in server_log, server_log[-2000:]
+        assert re.search(rf"^\| 3 +\| 8 x 1 +\| {cipher}", text, re.MULTILINE), text
 
 
 def test_statistics_helpers() -> None:
