@@ -133,3 +133,34 @@ def test_the_doctor_job_names_its_missing_input(tmp_path: Path) -> None:
         "ERROR: role trainer: missing required arguments: trainer_doctor_argv" in result.stdout
     ), show(result)
     assert not (work / ".local-cluster" / "mini1" / "run").exists()
+
+
+# systemctl as it answers for a doctor unit still running: `show` says active, the rest succeeds.
+# This machine runs no systemd, so the systemd path meets this stand-in (it records each call).
+SYSTEMCTL = """#!/bin/sh
+echo "$*" >> "{calls}"
+case " $* " in *" show "*) echo active ;; esac
+"""
+
+
+def test_teardown_stops_a_doctor_unit_systemd_still_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "work").mkdir()
+    work = scratch_checkout(tmp_path / "work")
+    calls, stub = tmp_path / "systemctl.calls", tmp_path / "bin" / "systemctl"
+    stub.parent.mkdir()
+    stub.write_text(SYSTEMCTL.format(calls=calls))
+    stub.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{stub.parent}{os.pathsep}{os.environ['PATH']}")
+    limit = ["-e", "smolcluster_tmux_socket=unused", "--limit", "mini1"]
+
+    checked = playbook(work, "teardown.yml", "--check", *limit, timeout=300)
+    assert checked.returncode == 0, show(checked)
+    ran = calls.read_text().splitlines()
+    assert "--user show --property=ActiveState --value smolcluster-doctor-mini1" in ran, ran
+    assert not [c for c in ran if " stop " in f" {c} "], ran  # --check stops nothing
+
+    down = playbook(work, "teardown.yml", *limit, timeout=300)
+    assert down.returncode == 0, show(down)
+    assert "--user stop smolcluster-doctor-mini1" in calls.read_text().splitlines(), show(down)
