@@ -115,6 +115,9 @@ def test_teardown_stops_and_removes_doctor_jobs(tmp_path: Path) -> None:
         assert _doctor_files(pi4_run, "pi4") == [], show(down)
     finally:
         subprocess.run(["tmux", "-L", socket_name, "kill-server"], capture_output=True, check=False)
+        # A server that ended with its last session leaves its socket file behind.
+        tmux_dir = Path(os.environ.get("TMUX_TMPDIR") or "/tmp") / f"tmux-{os.getuid()}"
+        (tmux_dir / socket_name).unlink(missing_ok=True)
         if orphan is not None and orphan.poll() is None:
             orphan.kill()
             orphan.wait()
