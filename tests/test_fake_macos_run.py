@@ -60,6 +60,10 @@ def _role(name: str, tasks_from: str = "main.yml", when: str | None = None) -> d
     return task
 
 
+DOCTOR_JOB_START = {
+    **_role("trainer", "doctor-job-start"),
+    "vars": {"trainer_doctor_argv": ["/bin/sleep", "600"]},
+}
 PLAYBOOKS = {
     "setup.yml": [
         PRETEND,
@@ -74,6 +78,12 @@ PLAYBOOKS = {
         _play("Stop and purge", [_role("teardown")]),
         _play("Restore the network", [_role("network", "restore.yml")]),
     ],
+    # doctor.yml's one-shot LaunchDaemon, started and not waited for (an interrupted doctor run).
+    "doctor-left.yml": [
+        PRETEND,
+        _play("Start a doctor job", [DOCTOR_JOB_START]),
+    ],
+    "stop.yml": [PRETEND, _play("Stop", [_role("teardown")])],
 }
 
 
@@ -89,6 +99,11 @@ def mac(tmp_path: Path) -> dict[str, Path]:
         # The trainer role checks its configs with the host venv's smolcluster: this one's.
         "smolcluster_venv": sys.prefix,
         "smolcluster_launchd_plist": f"{daemons}/{{{{ smolcluster_launchd_label }}}}.plist",
+        "smolcluster_doctor_launchd_plist": (
+            f"{daemons}/{{{{ smolcluster_doctor_launchd_label }}}}.plist"
+        ),
+        # teardown asks tmux too: this test's own server, never the user's (or another run's).
+        "smolcluster_tmux_socket": f"smolcluster-test-mac-{os.getpid()}",
         "trainer_launchd_plist_group": "root",
         "trainer_wandb_mode": "disabled",
         "preflight_socketfilterfw": str(bin_dir / "socketfilterfw"),
@@ -270,6 +285,42 @@ def test_darwin_paths_set_up_twice_start_and_tear_down(mac: dict[str, Path]) -> 
         "pmset",
         "dseditgroup",
     }
+
+
+def test_teardown_boots_out_a_doctor_daemon_left_behind(mac: dict[str, Path]) -> None:
+    """A doctor run that ended before doctor-job-wait.yml left its LaunchDaemon loaded, its
+    plist and its files: teardown --check leaves them, teardown boots it out (with sudo) and
+    removes them."""
+    label = "org.smolcluster.doctor.mini1"
+    plist, run = mac["daemons"] / f"{label}.plist", mac["dir"] / "mini1" / "run"
+    left = _run(mac, "doctor-left.yml", "--limit", "mini1")
+    assert left.returncode == 0, show(left)
+    assert set(fake_macos.read_state(mac["state"])["launchd"]) == {label}
+    assert plist.exists()
+    files = ["mini1.doctor.exit.tmp", "mini1.doctor.launchd.log", "mini1.doctor.log"]
+    for name in files:  # what the daemon's command line and its plist write
+        (run / name).write_text("left behind\n")
+    start_calls = len(fake_macos.calls(mac["state"]))
+
+    def launchctl_since_start() -> list[dict[str, Any]]:
+        return [c for c in fake_macos.calls(mac["state"])[start_calls:] if c["tool"] == "launchctl"]
+
+    checked = _run(mac, "stop.yml", "--limit", "mini1", "--check")
+    assert checked.returncode == 0, show(checked)
+    assert set(fake_macos.read_state(mac["state"])["launchd"]) == {label}
+    assert plist.exists() and sorted(p.name for p in run.iterdir()) == files
+    assert [c["argv"][0] for c in launchctl_since_start()] == ["print", "print"]  # read only
+
+    down = _run(mac, "stop.yml", "--limit", "mini1")
+    assert down.returncode == 0, show(down)
+    bootouts = [c for c in launchctl_since_start() if c["argv"][:1] == ["bootout"]]
+    assert [(c["argv"], c["root"]) for c in bootouts] == [(["bootout", f"system/{label}"], True)]
+    assert fake_macos.read_state(mac["state"])["launchd"] == {}
+    assert list(mac["daemons"].iterdir()) == []
+    assert list(run.iterdir()) == []
+    contract = _contract()
+    ran = [[c["tool"], *c["argv"]] for c in fake_macos.calls(mac["state"]) if c["tool"] != "sudo"]
+    assert [argv for argv in ran if not _in_contract(argv, contract)] == []
 
 
 def test_a_mistyped_service_fails_before_any_change(mac: dict[str, Path]) -> None:
