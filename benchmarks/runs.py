@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import CpuWindow, cpu_marks, fmt, median, per_step_bytes, percentile, table
-from smolcluster.harness import LOOPBACK, SERVER, GlooRanks, LocalCluster, Processes, count_events
+from smolcluster.harness import (
+    LOOPBACK,
+    SERVER,
+    GlooRanks,
+    LocalCluster,
+    Processes,
+    count_events,
+    read_events,
+)
 from smolcluster.model import build_model
 
 EVAL_NEVER = 1_000_000  # eval_steps: only the final evaluation
@@ -173,11 +181,26 @@ def socket_cluster(
     )  # fmt: skip
 
 
-def _wait(run: Processes, lead: str, marks: tuple[int, int], timeout: float) -> float:
-    """Wait for `run` to end well; its processes' CPU ms per `lead` step between the marks."""
-    cpu = CpuWindow(lambda: count_events(run.metrics_dir / f"{lead}.jsonl", "step"), marks)
-    run.wait(timeout, poll=lambda: cpu.poll(run.pids()), check=True)
-    return 1e3 * cpu.per_step()
+def _wait(
+    run: Processes, lead: str, marks: Callable[[int], tuple[int, int]], timeout: float
+) -> float:
+    """Wait for `run` to end well; its processes' CPU ms per `lead` step between the marks,
+    which `marks` makes from the steps the run really has (its start event's total_steps: a
+    cap above what the data allows ends the run sooner)."""
+    path = run.metrics_dir / f"{lead}.jsonl"
+    window: list[CpuWindow] = []
+
+    def poll() -> None:
+        if not window:
+            start = read_events(path, "start") if path.exists() else []
+            if not start:
+                return
+            steps = marks(start[0]["total_steps"])
+            window.append(CpuWindow(lambda: count_events(path, "step"), steps))
+        window[0].poll(run.pids())
+
+    run.wait(timeout, poll=poll, check=True)
+    return 1e3 * window[0].per_step() if window else float("nan")
 
 
 def run_socket(
@@ -206,11 +229,13 @@ def run_socket(
     cluster.start()
     k = update_interval
     if mode == "elastic":  # the server logs one step event per merged push: steps * n / K
-        cpu = _wait(cluster, SERVER, (1, max(2, steps * n // k - 1)), timeout)
+        # In merges, from the steps asked for (merges come in bursts, so a window of the
+        # run's own merge count would not span its compute; see notes/).
+        cpu = _wait(cluster, SERVER, lambda _: (1, max(2, steps * n // k - 1)), timeout)
         # CPU per cluster step (n workers x one local step), comparable with sync rows.
         return summarize_elastic(label, n, batch_size, k, cluster, cpu * n / k)
     return summarize_socket(
-        label, n, batch_size, cluster, _wait(cluster, SERVER, cpu_marks(steps), timeout)
+        label, n, batch_size, cluster, _wait(cluster, SERVER, cpu_marks, timeout)
     )
 
 
@@ -239,7 +264,7 @@ def run_gloo(
         *(["--ifname", ifname] if ifname else []),
         master_addr=master_addr,
     )  # fmt: skip
-    return summarize_gloo(n, batch_size, ranks, _wait(ranks, "rank0", cpu_marks(steps), timeout))
+    return summarize_gloo(n, batch_size, ranks, _wait(ranks, "rank0", cpu_marks, timeout))
 
 
 def end_to_end_table(results: list[RunResult]) -> str:

@@ -336,3 +336,17 @@ def test_the_cpu_window_closes_before_the_processes_exit() -> None:
         done["steps"] = steps
         broken.poll([pid])
     assert math.isnan(broken.per_step()) and broken.start is None
+
+
+@pytest.mark.slow
+def test_the_cpu_window_follows_the_steps_the_run_really_has(
+    tmp_path: Path, offline_digits_root: Path
+) -> None:
+    """A step cap above one epoch (as the N = 3, 4 rows have: 100 steps asked, 93 and 70
+    run): the CPU column is still measured, between marks made from the run's own steps."""
+    from benchmarks.runs import run_socket
+
+    # 9,000 digits / (2 workers x 256) = 17 steps, against 1,000,000 asked for.
+    result = run_socket("sync fp32", 2, 1_000_000, 256, offline_digits_root, tmp_path)
+    assert result.steps == 9000 // 512
+    assert math.isfinite(result.cpu_ms_per_step) and result.cpu_ms_per_step > 0
