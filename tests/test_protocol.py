@@ -41,6 +41,15 @@ SECRET = os.urandom(32).hex().encode()
 MAX_FRAME = 64 * 1024 * 1024
 
 
+def handshake_key(secret: bytes, direction: str) -> bytes:
+    """A handshake frame's HMAC key ("c2s" or "s2c") as any peer derives it from the secret
+    (docs/protocol.md): spelled out here, as an old or hostile peer would, not taken from
+    protocol.py."""
+    return hmac.new(
+        secret, f"smolcluster/1 handshake {direction}".encode(), hashlib.sha256
+    ).digest()
+
+
 def tcp_pair() -> tuple[socket.socket, socket.socket]:
     with socket.create_server(("127.0.0.1", 0)) as listener:
         client = socket.create_connection(listener.getsockname())
@@ -214,7 +223,7 @@ def test_an_old_version_peer_is_refused_with_a_reason_it_can_read(version: int) 
 
     thread = threading.Thread(target=serve)
     thread.start()
-    s2c = hmac.new(SECRET, b"smolcluster/1 handshake s2c", hashlib.sha256).digest()
+    s2c = handshake_key(SECRET, "s2c")
     a.sendall(_old_version_hello(SECRET, version))
     reply = b""
     while chunk := a.recv(65536):
@@ -295,7 +304,7 @@ def _attack(port: int, data: bytes, linger: float = 0.0) -> str:
 def _old_version_hello(secret: bytes, version: int = 2) -> bytes:
     """A HELLO exactly as a version-2 (or -3) worker sends it: version 2 tags SHA-256 of the
     empty payload, version 3 no payload at all; neither names a cipher."""
-    c2s = hmac.new(secret, b"smolcluster/1 handshake c2s", hashlib.sha256).digest()
+    c2s = handshake_key(secret, "c2s")
     meta = b'{"host":"mini2","rank":1,"mode":"sync","nonce":"' + b"00" * 32 + b'"}'
     head = HEADER.pack(MAGIC, version, MsgType.HELLO, 0, 0, len(meta), 0)
     empty_payload = hashlib.sha256(b"").digest() if version == 2 else b""

@@ -33,7 +33,7 @@ from smolcluster.protocol import (
     client_handshake,
     server_handshake,
 )
-from tests.test_protocol import MAX_FRAME, SECRET, authenticated_pair, tcp_pair
+from tests.test_protocol import MAX_FRAME, SECRET, authenticated_pair, handshake_key, tcp_pair
 
 OTHER = {AES: CHACHA, CHACHA: AES}
 CLASSES = {AES: AESGCM, CHACHA: ChaCha20Poly1305}  # what each name must seal with
@@ -168,7 +168,7 @@ def renamed(challenge: bytes, cipher: str, s2c_key: bytes | None) -> bytes:
     return head + meta + tag
 
 
-S2C = hmac.new(SECRET, b"smolcluster/1 handshake s2c", hashlib.sha256).digest()  # handshake key
+S2C = handshake_key(SECRET, "s2c")
 
 
 def through_rewriting_proxy(
