@@ -229,8 +229,9 @@ def run_socket(
     cluster.start()
     k = update_interval
     if mode == "elastic":  # the server logs one step event per merged push: steps * n / K
-        # In merges, from the steps asked for (merges come in bursts, so a window of the
-        # run's own merge count would not span its compute; see notes/).
+        # In merges, from the steps asked for: merges come in bursts (every worker pushes
+        # near the same local step), so marks from the run's own merge count would not
+        # span its compute.
         cpu = _wait(cluster, SERVER, lambda _: (1, max(2, steps * n // k - 1)), timeout)
         # CPU per cluster step (n workers x one local step), comparable with sync rows.
         return summarize_elastic(label, n, batch_size, k, cluster, cpu * n / k)
