@@ -17,6 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
+from smolcluster.cipher import AUTO, Cipher
+
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 
 
@@ -46,7 +48,7 @@ class ClusterConfig(_Strict):
     backend: Literal["socket", "gloo"] = "socket"
     bind_address: str = "0.0.0.0"
     # The AEAD of every session frame; auto: the server picks by its CPU, workers follow.
-    cipher: Literal["auto", "aes-256-gcm", "chacha20-poly1305"] = "auto"
+    cipher: Literal["auto", Cipher] = AUTO
     secret_file: str = "secret"
     metrics_dir: str = "runs/latest"
     checkpoint_dir: str = "checkpoints"
