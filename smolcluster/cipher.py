@@ -60,7 +60,3 @@ def server_cipher(configured: str) -> str:
     if configured != AUTO:
         return configured
     return AES if machine_has_aes() else CHACHA
-
-
-if __name__ == "__main__":  # the trainer role asks each host of a run: python -m smolcluster.cipher
-    print(server_cipher(AUTO))

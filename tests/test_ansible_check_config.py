@@ -6,6 +6,7 @@ Real ansible-playbook runs of the role's config phase on a throwaway two-host in
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -93,27 +94,32 @@ def test_a_good_config_passes_in_check_mode_too_and_changes_nothing(checkout: Pa
     assert all(counts["changed"] == 0 for counts in recap(checked.stdout).values()), show(checked)
 
 
-def test_auto_seals_with_aes_only_when_every_host_has_it(checkout: Path, tmp_path: Path) -> None:
-    """Each host answers with the trainer's own detection (`python -m smolcluster.cipher`);
-    mini2 here answers as a Pi 4 would, through a venv whose python prints that answer."""
+def test_auto_takes_the_cipher_and_adam_kernel_every_host_has(
+    checkout: Path, tmp_path: Path
+) -> None:
+    """Each host answers with the trainer's own reading (`python -m smolcluster.capabilities`);
+    mini2 here answers as an Intel Mac with a Pi 4's CPU would (no AES, torch 2.2), through a
+    venv whose python prints that answer."""
     rendered = Path(checkout, "hosts", "mini1", "config", "cluster_config.yaml")
-    on_this_cpu = subprocess.run(
-        [sys.executable, "-m", "smolcluster.cipher"], capture_output=True, text=True, check=True
-    ).stdout.strip()
+    on_this_host = json.loads(subprocess.run(
+        [sys.executable, "-m", "smolcluster.capabilities"], capture_output=True, text=True,
+        check=True,
+    ).stdout)  # fmt: skip
     both = run(checkout)
     assert both.returncode == 0, show(both)
-    assert load_settings(rendered, rendered.with_name("nn_config.yaml")).cluster.cipher == (
-        on_this_cpu
-    )
-    pi4 = tmp_path / "pi4-venv"
-    (pi4 / "bin").mkdir(parents=True)
-    (pi4 / "bin" / "python").write_text("#!/bin/sh\necho chacha20-poly1305\n")
-    (pi4 / "bin" / "python").chmod(0o755)
-    (pi4 / "bin" / "smolcluster").symlink_to(Path(sys.prefix, "bin", "smolcluster"))
+    settings = load_settings(rendered, rendered.with_name("nn_config.yaml"))
+    assert settings.cluster.cipher == on_this_host["cipher"]
+    assert settings.nn.fused_adam is on_this_host["fused_adam"] is True  # torch 2.14 here
+    old = tmp_path / "old-venv"
+    (old / "bin").mkdir(parents=True)
+    answer = json.dumps({"cipher": "chacha20-poly1305", "fused_adam": False})
+    (old / "bin" / "python").write_text(f"#!/bin/sh\necho '{answer}'\n")
+    (old / "bin" / "python").chmod(0o755)
+    (old / "bin" / "smolcluster").symlink_to(Path(sys.prefix, "bin", "smolcluster"))
     inventory = checkout / "inventory" / "check-config.yml"
     hosts = yaml.safe_load(inventory.read_text())["all"]["children"]
     mini2 = hosts["workers"]["hosts"]["mini2"]
-    hosts["workers"]["hosts"]["mini2"] = {**mini2, "smolcluster_venv": str(pi4)}  # mini1's stays
+    hosts["workers"]["hosts"]["mini2"] = {**mini2, "smolcluster_venv": str(old)}  # mini1's stays
     inventory.write_text(yaml.safe_dump({"all": {"children": hosts}}))
     mixed = run(checkout)
     assert mixed.returncode == 0, show(mixed)
@@ -121,6 +127,11 @@ def test_auto_seals_with_aes_only_when_every_host_has_it(checkout: Path, tmp_pat
         config = Path(checkout, "hosts", host, "config")
         settings = load_settings(config / "cluster_config.yaml", config / "nn_config.yaml")
         assert settings.cluster.cipher == "chacha20-poly1305", host
-    explicit = run(checkout, "-e", "trainer_cipher=aes-256-gcm")
+        assert settings.nn.fused_adam is False, host
+    explicit = run(checkout, "-e", "trainer_cipher=aes-256-gcm", "-e", "trainer_fused_adam=true")
     assert explicit.returncode == 0, show(explicit)
     assert "cipher: aes-256-gcm" in rendered.read_text()
+    assert "fused_adam: true" in rendered.with_name("nn_config.yaml").read_text()
+    bad = run(checkout, "-e", "trainer_fused_adam=maybe")
+    assert bad.returncode != 0, show(bad)
+    assert "trainer_fused_adam: 'maybe' is not auto, true or false" in bad.stdout, show(bad)
