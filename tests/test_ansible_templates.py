@@ -24,7 +24,7 @@ def _render(tmp_path: Path, template: str, dest: str, **facts: object) -> Path:
         "trainer_launchd_user": "smol",
         "trainer_launchd_home": "/Users/smol",
         "trainer__is_server": False,
-        "trainer_systemd_scope": "user",
+        "smolcluster_systemd_scope": "user",
         **facts,
     }
     play = [{
