@@ -53,6 +53,14 @@ def playbook(cwd: Path, *args: str, timeout: float = 1800) -> subprocess.Complet
     )  # fmt: skip
 
 
+def remove_tmux_server(socket_name: str) -> None:
+    """End a test's own tmux server and remove its socket file, which a server that ended with
+    its last session leaves behind in the tmux directory."""
+    subprocess.run(["tmux", "-L", socket_name, "kill-server"], capture_output=True, check=False)
+    tmux_dir = Path(os.environ.get("TMUX_TMPDIR") or "/tmp") / f"tmux-{os.getuid()}"
+    (tmux_dir / socket_name).unlink(missing_ok=True)
+
+
 def recap(output: str) -> dict[str, dict[str, int]]:
     """PLAY RECAP as {host: {ok, changed, unreachable, failed}}."""
     return {

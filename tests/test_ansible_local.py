@@ -21,7 +21,7 @@ import yaml
 
 from smolcluster.events import of_kind, read_records
 from smolcluster.harness import free_port
-from tests.ansible_helpers import BIN, playbook, recap, scratch_checkout, show
+from tests.ansible_helpers import BIN, playbook, recap, remove_tmux_server, scratch_checkout, show
 
 pytestmark = pytest.mark.slow
 HOSTS = {"mini1", "mini2", "mini3", "pi4", "pi5", "macbook"}
@@ -43,6 +43,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
     yield state
     # Whatever happened, leave no job behind.
     playbook(work, "teardown.yml", *extra)
+    remove_tmux_server(socket_name)
 
 
 def test_site_converges(cluster) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.ansible_helpers import playbook, scratch_checkout, show
+from tests.ansible_helpers import playbook, remove_tmux_server, scratch_checkout, show
 
 pytestmark = pytest.mark.slow
 
@@ -114,10 +114,7 @@ def test_teardown_stops_and_removes_doctor_jobs(tmp_path: Path) -> None:
         assert _doctor_files(mini1_run, "mini1") == [], show(down)
         assert _doctor_files(pi4_run, "pi4") == [], show(down)
     finally:
-        subprocess.run(["tmux", "-L", socket_name, "kill-server"], capture_output=True, check=False)
-        # A server that ended with its last session leaves its socket file behind.
-        tmux_dir = Path(os.environ.get("TMUX_TMPDIR") or "/tmp") / f"tmux-{os.getuid()}"
-        (tmux_dir / socket_name).unlink(missing_ok=True)
+        remove_tmux_server(socket_name)
         if orphan is not None and orphan.poll() is None:
             orphan.kill()
             orphan.wait()
