@@ -14,8 +14,6 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from ansible.errors import AnsibleFilterError
-
 AES, CHACHA = "aes-256-gcm", "chacha20-poly1305"
 
 
@@ -40,7 +38,7 @@ def shared_settings(answers: Iterable[Any], cipher: str, fused_adam: Any) -> dic
     elif choice in ("true", "false"):
         fused = choice == "true"
     else:
-        raise AnsibleFilterError(f"trainer_fused_adam: {fused_adam!r} is not auto, true or false")
+        raise ValueError(f"trainer_fused_adam: {fused_adam!r} is not auto, true or false")
     return {"cipher": cipher, "fused_adam": fused}
 
 
