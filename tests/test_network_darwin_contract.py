@@ -233,7 +233,7 @@ def plans(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[str]]:
         }
 
     playbook = [
-        play("plan", "darwin_plan", "network__darwin_commands"),
+        play("plan", "darwin_plan.yml", "network__darwin_commands"),
         play("restore", "restore-Darwin.yml", "network__darwin_restore_commands"),
     ]
     (tmp / "plan.yml").write_text(yaml.safe_dump(playbook, sort_keys=False))

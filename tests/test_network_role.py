@@ -1,6 +1,6 @@
 """Static checks of the network role: lint, argument_specs and the validation it runs first.
 
-Every playbook here runs only the role's planning entry point (darwin_plan with
+Every playbook here runs only the role's planning entry point (darwin_plan.yml with
 network_darwin_plan_only), which computes commands and never runs one, so a wrong verdict
 cannot touch this machine's network.
 """
@@ -57,7 +57,7 @@ def run_role(tmp_path: Path, host_vars: dict) -> subprocess.CompletedProcess[str
                     "name": "Role",
                     "ansible.builtin.include_role": {
                         "name": "network",
-                        "tasks_from": "darwin_plan",
+                        "tasks_from": "darwin_plan.yml",
                     },
                 }
             ],
