@@ -142,10 +142,11 @@ echo "$*" >> "{calls}"
 case " $* " in *" show "*) echo active ;; esac
 """
 
+LIMIT = ["-e", "smolcluster_tmux_socket=unused", "--limit", "mini1"]
 
-def test_teardown_stops_a_doctor_unit_systemd_still_runs(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+
+def _with_stand_in_systemctl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """A scratch checkout and the file SYSTEMCTL, first on PATH, records its calls in."""
     (tmp_path / "work").mkdir()
     work = scratch_checkout(tmp_path / "work")
     calls, stub = tmp_path / "systemctl.calls", tmp_path / "bin" / "systemctl"
@@ -153,15 +154,21 @@ def test_teardown_stops_a_doctor_unit_systemd_still_runs(
     stub.write_text(SYSTEMCTL.format(calls=calls))
     stub.chmod(0o755)
     monkeypatch.setenv("PATH", f"{stub.parent}{os.pathsep}{os.environ['PATH']}")
-    limit = ["-e", "smolcluster_tmux_socket=unused", "--limit", "mini1"]
+    return work, calls
 
-    checked = playbook(work, "teardown.yml", "--check", *limit, timeout=300)
+
+def test_teardown_stops_a_doctor_unit_systemd_still_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    work, calls = _with_stand_in_systemctl(tmp_path, monkeypatch)
+
+    checked = playbook(work, "teardown.yml", "--check", *LIMIT, timeout=300)
     assert checked.returncode == 0, show(checked)
     ran = calls.read_text().splitlines()
     assert "--user show --property=ActiveState --value smolcluster-doctor-mini1" in ran, ran
     assert not [c for c in ran if " stop " in f" {c} "], ran  # --check stops nothing
 
-    down = playbook(work, "teardown.yml", *limit, timeout=300)
+    down = playbook(work, "teardown.yml", *LIMIT, timeout=300)
     assert down.returncode == 0, show(down)
     assert "--user stop smolcluster-doctor-mini1" in calls.read_text().splitlines(), show(down)
 
@@ -171,16 +178,9 @@ def test_one_setting_puts_teardown_in_the_trainers_systemd_scope(
 ) -> None:
     """smolcluster_systemd_scope (group_vars/all.yml) is the scope the trainer role starts in
     and the one teardown looks in: system scope asks systemctl without --user."""
-    (tmp_path / "work").mkdir()
-    work = scratch_checkout(tmp_path / "work")
-    calls, stub = tmp_path / "systemctl.calls", tmp_path / "bin" / "systemctl"
-    stub.parent.mkdir()
-    stub.write_text(SYSTEMCTL.format(calls=calls))
-    stub.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{stub.parent}{os.pathsep}{os.environ['PATH']}")
-    limit = ["-e", "smolcluster_tmux_socket=unused", "--limit", "mini1"]
+    work, calls = _with_stand_in_systemctl(tmp_path, monkeypatch)
     system = ["-e", "smolcluster_systemd_scope=system"]
-    checked = playbook(work, "teardown.yml", "--check", *system, *limit, timeout=300)
+    checked = playbook(work, "teardown.yml", "--check", *system, *LIMIT, timeout=300)
     assert checked.returncode == 0, show(checked)
     ran = calls.read_text().splitlines()
     assert "show --property=ActiveState --value smolcluster-doctor-mini1" in ran, ran
