@@ -122,6 +122,26 @@ def ansible_env() -> dict[str, str]:
     return {**os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_FORCE_COLOR": "0"}
 
 
+UNREACHABLE = re.compile(r"^fatal: \[(\S+)\]: UNREACHABLE! => (.*)$", re.M)
+
+
+def unreachable_report(out: str) -> str:
+    """Why Ansible could not reach a host, and what that host's own systemd and sshd say: a
+    failing lab test's message shows it first (the recap alone only counts the host)."""
+    lines = []
+    for host, why in dict(UNREACHABLE.findall(out)).items():
+        lines.append(f"{host} unreachable: {why}")
+        try:
+            state = in_host(host, "systemctl", "is-system-running").stdout.strip()
+            sshd = in_host(host, "systemctl", "status", "--no-pager", "-n", "5", "ssh").stdout
+            lines += [f"{host} systemd: {state}", sshd]
+        except (OSError, IndexError, subprocess.SubprocessError):  # the container is gone
+            console = LAB_DIR / "hosts" / host / "console.log"
+            tail = console.read_text(errors="replace")[-1500:] if console.exists() else ""
+            lines += [f"{host}: its container is not running; console.log ends:", tail]
+    return "\n".join(lines)
+
+
 def playbook(*args: str, timeout: int = 900) -> tuple[dict[str, tuple[int, ...]], str]:
     """Run a playbook over the lab as the login user (become where a task needs it); return the
     recap per host (ok, changed, unreachable, failed) and the output."""
@@ -134,7 +154,9 @@ def playbook(*args: str, timeout: int = 900) -> tuple[dict[str, tuple[int, ...]]
         timeout=timeout,
         check=False,
     )
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, (
+        unreachable_report(proc.stdout) + proc.stdout[-6000:] + proc.stderr[-3000:]
+    )
     recap = {m[0]: tuple(int(x) for x in m[1:]) for m in RECAP.findall(proc.stdout)}
     assert set(recap) == set(HOSTS), proc.stdout[-3000:]
     assert all(recap[h][2] == 0 and recap[h][3] == 0 for h in HOSTS), recap
@@ -343,7 +365,9 @@ def test_preflight_fails_first_naming_the_host(lab: dict[str, object]) -> None:
     recap = {m[0]: tuple(int(x) for x in m[1:]) for m in RECAP.findall(out)}
     failed = {h for h in HOSTS if recap[h][3] > 0}
     # The MacBook has nothing for the network role, so it needs no sudo at all.
-    assert failed == {"mini1", "mini2", "mini3", "pi4", "pi5"}, recap
+    assert failed == {"mini1", "mini2", "mini3", "pi4", "pi5"}, (
+        f"{recap}\n{unreachable_report(out)}"
+    )
     for mac in ("mini1", "mini2", "mini3"):
         assert re.search(rf"{mac}: become \(sudo\) does not work for smol", out), out[-6000:]
     assert re.search(r"pi4: .*eth0.*(does not exist|missing|not found)", out), out[-6000:]
