@@ -136,6 +136,9 @@ def test_int8_runs_end_to_end(mode: str, tmp_path: Path, offline_digits_root: Pa
             "use_quantization": True,
             "worker_update_interval": 5,
             "checksum_interval": 5,  # sync: replicas compared every 5 steps
+            # Elastic starts with the first worker by default; a worker slow to import torch on a
+            # loaded machine could then arrive after these 40 steps and find no server.
+            "min_workers": 2,
         },
         nn={"max_steps": 40, "eval_steps": 40},
     )
