@@ -64,7 +64,8 @@ def mode_runners(a: argparse.Namespace) -> dict[str, Callable[..., RunResult]]:
             n, steps, a.batch_size, a.data_root, out, threads=a.threads, **kw
         ),
     }
-    return {m: f for m, f in modes.items() if not a.modes or {m, *m.split()} & set(a.modes)}
+    words = {m: {m, *m.replace(",", " ").split()} for m in modes}  # "fp32," is the word fp32
+    return {m: f for m, f in modes.items() if not a.modes or words[m] & set(a.modes)}
 
 
 def measure_e2e(a: argparse.Namespace, work: Path) -> list[RunResult]:

@@ -327,6 +327,7 @@ def test_parts_and_modes_chosen_by_flags() -> None:
     assert chosen("int8", "gloo") == {"sync int8", "gloo DDP"}
     assert chosen("sync fp32") == {"sync fp32"}
     assert chosen("server") == {"sync fp32, server trains"}
+    assert chosen("fp32") == {"sync fp32", "sync fp32, server trains"}
     quick = run.parse(["--quick"])
     assert (quick.parts, quick.workers) == (["e2e", "exchange", "tta", "study", "crypto"], [3])
     full = run.parse([])
