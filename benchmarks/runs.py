@@ -127,13 +127,11 @@ def summarize_elastic(
     for steps in per_worker:
         for a, b in itertools.pairwise(steps):
             local_times.append((b["wall"] - a["wall"]) / (b["step"] - a["step"]))
-        if len(steps) >= 2:
-            span = steps[-1]["step"] - steps[0]["step"]
-            sent.append((steps[-1]["bytes_sent"] - steps[0]["bytes_sent"]) / span)
-            recv.append((steps[-1]["bytes_recv"] - steps[0]["bytes_recv"]) / span)
-        elif steps:  # one push: count from the start (includes the initial weights)
-            sent.append(steps[0]["bytes_sent"] / steps[0]["step"])
-            recv.append(steps[0]["bytes_recv"] / steps[0]["step"])
+        if steps:  # with one push, counted from a zero start (the initial weights included)
+            first = steps[0] if len(steps) >= 2 else {"step": 0, "bytes_sent": 0, "bytes_recv": 0}
+            span = steps[-1]["step"] - first["step"]
+            sent.append((steps[-1]["bytes_sent"] - first["bytes_sent"]) / span)
+            recv.append((steps[-1]["bytes_recv"] - first["bytes_recv"]) / span)
     return RunResult(
         mode, n, batch_size, max((s[-1]["step"] for s in per_worker if s), default=0),
         comm_fraction=float("nan"), cpu_ms_per_step=cpu_ms,
