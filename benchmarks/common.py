@@ -91,9 +91,14 @@ class CpuWindow:
             self.end = (done, total)
 
     def per_step(self) -> float:
-        if self.start is None or self.end is None or self.end[0] <= self.start[0]:
+        """CPU seconds per step; NaN without a window, or when its CPU did not move by one
+        clock tick (marks passed within a poll or two: too short to measure, not free)."""
+        if self.start is None or self.end is None:
             return float("nan")
-        return (self.end[1] - self.start[1]) / (self.end[0] - self.start[0])
+        (first_step, first_cpu), (last_step, last_cpu) = self.start, self.end
+        if last_step <= first_step or last_cpu <= first_cpu:
+            return float("nan")
+        return (last_cpu - first_cpu) / (last_step - first_step)
 
 
 def cpu_marks(steps: int) -> tuple[int, int]:

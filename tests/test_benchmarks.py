@@ -355,6 +355,33 @@ def test_the_cpu_window_closes_before_the_processes_exit() -> None:
     assert math.isnan(broken.per_step()) and broken.start is None
 
 
+def test_a_cpu_window_shorter_than_a_clock_tick_measures_nothing() -> None:
+    """Both marks passed in two polls ~a ms apart (a short, fast run on a loaded machine): the
+    processes' CPU did not move by one clock tick, so the window is no number, not 0 ms (the
+    end-to-end table divided by it: ZeroDivisionError in a clean-clone CI run)."""
+    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        time.sleep(0.5)  # past its start-up
+        done = {"steps": 0}
+        window = CpuWindow(lambda: done["steps"], (2, 6))
+        for steps in (3, 7):
+            done["steps"] = steps
+            window.poll([idle.pid])
+        assert window.end is not None and math.isnan(window.per_step()), window.end
+        # ...and the table, which divides every row's CPU by gloo's, prints "-" for it.
+        from benchmarks.runs import GLOO, RunResult, end_to_end_table
+
+        cpu_ms = 1e3 * window.per_step()
+        gloo = RunResult(GLOO, 2, 32, steps=8, step_ms_median=5.0, step_ms_p90=6.0,
+                         samples_per_s=12_800.0, sent_per_step=0.0, recv_per_step=0.0,
+                         comm_fraction=0.1, comm_how="", cpu_ms_per_step=cpu_ms)  # fmt: skip
+        row = end_to_end_table([gloo]).splitlines()[-1].split("|")
+        assert [c.strip() for c in row[7:9]] == ["-", "-"], row
+    finally:
+        idle.kill()
+        idle.wait()
+
+
 @pytest.mark.slow
 def test_the_cpu_window_follows_the_steps_the_run_really_has(
     tmp_path: Path, offline_digits_root: Path
