@@ -11,6 +11,10 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import yaml
+
+from smolcluster.harness import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 # What a scratch checkout needs: the playbooks, roles and the package the wheel is built from.
@@ -53,6 +57,37 @@ def playbook(cwd: Path, *args: str, timeout: float = 1800) -> subprocess.Complet
     )  # fmt: skip
 
 
+def local_inventory(tmp_path: Path, server: list[str], workers: dict[str, dict]) -> Path:
+    """A scratch inventory of this machine under the cluster's host names (local connection):
+    `server` dials 127.0.0.1, `workers` carry their own vars. smolcluster_root is set per host
+    under tmp_path: group_vars/all.yml would beat one set for the group all (~/smolcluster)."""
+    local = {
+        "ansible_connection": "local",
+        "ansible_python_interpreter": "{{ ansible_playbook_python }}",
+        "smolcluster_root": str(tmp_path / "{{ inventory_hostname }}"),
+    }
+    hosts = {name: {**local, "cluster_dial_address": "127.0.0.1"} for name in server}
+    inventory = {
+        "all": {
+            "children": {
+                "server": {"hosts": hosts},
+                "workers": {"hosts": {n: {**local, **v} for n, v in workers.items()}},
+            },
+        }
+    }
+    path = tmp_path / "inventory.yml"
+    path.write_text(yaml.safe_dump(inventory))
+    return path
+
+
+def preflight(inventory: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """site.yml's preflight checks alone, on a free port: nothing is created or changed."""
+    return playbook(
+        REPO, "site.yml", "-i", str(inventory), "--tags", "preflight",
+        "-e", f"smolcluster_port={free_port()}", "-e", "preflight_install_tools=false", *extra,
+    )  # fmt: skip
+
+
 def remove_tmux_server(socket_name: str) -> None:
     """End a test's own tmux server and remove its socket file, which a server that ended with
     its last session leaves behind in the tmux directory."""
@@ -67,6 +102,12 @@ def recap(output: str) -> dict[str, dict[str, int]]:
         host: {"ok": int(ok), "changed": int(ch), "unreachable": int(un), "failed": int(fa)}
         for host, ok, ch, un, fa in RECAP.findall(output)
     }
+
+
+def doctor_lines(output: str) -> dict[str, str]:
+    """doctor.yml's verdict: host -> its line (ok, or the check, the errno and the fix)."""
+    block = output[output.index("One line per host") :]
+    return dict(re.findall(r'^\s+"(\w+): (.*)",?$', block, re.M))
 
 
 def show(result: subprocess.CompletedProcess[str]) -> str:

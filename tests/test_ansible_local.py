@@ -21,7 +21,15 @@ import yaml
 
 from smolcluster.events import of_kind, read_records
 from smolcluster.harness import free_port
-from tests.ansible_helpers import BIN, playbook, recap, remove_tmux_server, scratch_checkout, show
+from tests.ansible_helpers import (
+    BIN,
+    doctor_lines,
+    playbook,
+    recap,
+    remove_tmux_server,
+    scratch_checkout,
+    show,
+)
 
 pytestmark = pytest.mark.slow
 HOSTS = {"mini1", "mini2", "mini3", "pi4", "pi5", "macbook"}
@@ -71,12 +79,6 @@ def test_site_check_mode_succeeds(cluster) -> None:
     result = playbook(cluster["work"], "site.yml", "--check", *cluster["extra"])
     assert result.returncode == 0, show(result)
     assert all(t["failed"] == 0 for t in recap(result.stdout).values())
-
-
-def doctor_lines(output: str) -> dict[str, str]:
-    """doctor.yml's verdict: host -> its line (ok, or the check, the errno and the fix)."""
-    block = output[output.index("One line per host") :]
-    return dict(re.findall(r'^\s+"(\w+): (.*)",?$', block, re.M))
 
 
 def test_doctor_says_ok_for_every_host_and_changes_nothing(cluster) -> None:

@@ -10,14 +10,11 @@ from __future__ import annotations
 import ipaddress
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from smolcluster.harness import free_port
-from tests.ansible_helpers import REPO, load_plugin, playbook, recap, show
+from tests.ansible_helpers import REPO, load_plugin, local_inventory, preflight, recap, show
 
 PLUGIN = REPO / "roles/preflight/filter_plugins/preflight_checks.py"
 checks = load_plugin(PLUGIN)
@@ -187,22 +184,8 @@ def _this_machines_lan() -> dict | None:
     return None
 
 
-def _run_preflight(tmp_path: Path, hosts: dict[str, dict]) -> subprocess.CompletedProcess[str]:
-    local = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
-    inventory = {
-        "all": {
-            "vars": {"smolcluster_root": str(tmp_path / "{{ inventory_hostname }}")},
-            "children": {
-                "server": {"hosts": {"mini1": {**local, "cluster_dial_address": "127.0.0.1"}}},
-                "workers": {"hosts": {n: {**local, **v} for n, v in hosts.items()}},
-            },
-        }
-    }
-    (tmp_path / "inventory.yml").write_text(yaml.safe_dump(inventory))
-    return playbook(
-        REPO, "site.yml", "-i", str(tmp_path / "inventory.yml"), "--tags", "preflight",
-        "-e", f"smolcluster_port={free_port()}", "-e", "preflight_install_tools=false",
-    )  # fmt: skip
+def _run_preflight(tmp_path: Path, workers: dict[str, dict]) -> subprocess.CompletedProcess[str]:
+    return preflight(local_inventory(tmp_path, ["mini1"], workers))
 
 
 def test_overlap_and_missing_device_fail_for_real(tmp_path: Path) -> None:
