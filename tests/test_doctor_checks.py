@@ -92,3 +92,13 @@ def test_failure_line_is_the_rung_and_one_line() -> None:
     assert checks.failure_line("torch", result) == "torch: pi4: no venv at /x fix: run site.yml"
     hv = {"mini1": {}, "pi4": {"preflight__doctor_red": "routes: pi4: ..."}}
     assert checks.lines(hv, ["mini1", "pi4"]) == ["mini1: ok", "pi4: routes: pi4: ..."]
+
+
+def test_a_failed_loop_is_the_line_of_its_failed_items() -> None:
+    loop = {"msg": "One or more items failed", "results": [
+        {"item": "network", "failed": False, "msg": "The arg spec validation passed"},
+        {"item": "trainer", "failed": True, "msg": "argument 'trainer_batch_size' is of type str"},
+    ]}  # fmt: skip
+    assert checks.failure_line("variables", loop) == (
+        "variables: argument 'trainer_batch_size' is of type str"
+    )

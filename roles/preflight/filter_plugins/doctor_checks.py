@@ -129,13 +129,19 @@ def route_error_of(
     return route_error(host, system, result["item"], result, cluster_devices)
 
 
-def failure_line(rung: str, result: Mapping[str, Any]) -> str:
-    """A failed task's result as `<rung>: <what>`, one line."""
+def _failure_text(result: Mapping[str, Any]) -> str:
     parts = [str(result.get("msg", "")), str(result.get("module_stderr", ""))]
     if result.get("rc") not in (None, 0):
         parts.append(str(result.get("stderr", "")))
     text = " ".join(p for p in parts if p).replace("Task failed: ", "")
-    text = re.sub(r"\s+", " ", text).strip()
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def failure_line(rung: str, result: Mapping[str, Any]) -> str:
+    """A failed task's result as `<rung>: <what>`, one line. A failed loop says what its failed
+    items said, not Ansible's "One or more items failed"."""
+    items = [r for r in result.get("results", []) if isinstance(r, Mapping) and r.get("failed")]
+    text = "; ".join(_failure_text(r) for r in items) if items else _failure_text(result)
     return f"{rung}: {text or 'failed'}"
 
 
