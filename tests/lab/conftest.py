@@ -21,8 +21,10 @@ def lab_phase_times() -> dict[str, tuple[float, str]]:
 
 
 def _keep_degraded_boot(stderr: str) -> None:
-    if " booted degraded: " in stderr:
-        BOOT_NOTES.extend(stderr.splitlines())
+    lines = stderr.splitlines()
+    first = next((i for i, line in enumerate(lines) if " booted degraded: " in line), None)
+    if first is not None:  # from the first degraded host on (not the rootfs build's lines)
+        BOOT_NOTES.extend(lines[first:])
 
 
 @pytest.fixture(scope="session")

@@ -313,34 +313,69 @@ def test_lab_refuses_a_second_start(lab: dict[str, object]) -> None:
     assert sorted(lab_namespaces()) == sorted(NAMESPACES)
 
 
+LAB_UNITS = {
+    # The unit as Debian ships it, failing once: the boot's /run/nologin stays.
+    "systemd-user-sessions.service.d/fail.conf": "[Service]\nExecStartPre=/bin/sh -c "
+    "'[ -e /var/lib/lab-sessions-failed ] || { touch /var/lib/lab-sessions-failed; "
+    "echo lab: failing once >&2; exit 1; }'\n",
+    # Exits once as systemd's own 219/CGROUP does (it could not place the process).
+    "lab-cgroup-once.service": "[Service]\nType=oneshot\nExecStart=/bin/sh -c "
+    "'[ -e /var/lib/lab-cgroup-failed ] || { touch /var/lib/lab-cgroup-failed; exit 219; }'\n"
+    "[Install]\nWantedBy=multi-user.target\n",
+    # Fails for its own reason, every time: it must be left failed, and started only once.
+    "lab-fails.service": "[Service]\nType=oneshot\n"
+    "ExecStart=/bin/sh -c 'echo run >> /var/lib/lab-fails.runs; exit 3'\n"
+    "[Install]\nWantedBy=multi-user.target\n",
+}
+
+
 @pytest.mark.timeout(300)
 def test_a_boot_that_locks_users_out_is_reported_and_mended(lab: dict[str, object]) -> None:
     """CI once had mini1's systemd-user-sessions fail at boot: /run/nologin stayed, the login
-    user was refused and the whole lab failed with no reason. The macbook (nothing configured on
-    it yet) boots with that unit failing once: `boot` names the unit and its reason, starts it
-    again, and the login user gets in."""
-    drop_in = host_path("macbook", "etc/systemd/system/systemd-user-sessions.service.d/fail.conf")
-    marker = host_path("macbook", "var/lib/lab-failed-once")
+    user was refused and the whole lab failed with no reason; another run had pi4's
+    systemd-remount-fs fail with 219/CGROUP. The macbook (nothing configured on it yet) boots
+    with both kinds failing once and a unit that always fails: `boot` names all three with their
+    journal lines, starts the first two again, leaves the third failed, and the login user gets
+    in."""
+    units = host_path("macbook", "etc/systemd/system")
+    wants = units / "multi-user.target.wants"
+    made = [units / name for name in LAB_UNITS]
+    made += [wants / "lab-cgroup-once.service", wants / "lab-fails.service"]
+    marks = [host_path("macbook", f"var/lib/{m}") for m in
+             ("lab-sessions-failed", "lab-cgroup-failed", "lab-fails.runs")]  # fmt: skip
     off = sh(str(LAB), "poweroff", "macbook", check=False, timeout=120)
     assert off.returncode == 0, off.stderr
     try:
-        drop_in.parent.mkdir(parents=True, exist_ok=True)
-        drop_in.write_text(
-            "[Service]\n"
-            "ExecStartPre=/bin/sh -c '[ -e /var/lib/lab-failed-once ] || "
-            "{ touch /var/lib/lab-failed-once; echo lab: failing once >&2; exit 1; }'\n"
-        )
-        marker.unlink(missing_ok=True)
+        for name, text in LAB_UNITS.items():
+            (units / name).parent.mkdir(parents=True, exist_ok=True)
+            (units / name).write_text(text)
+        wants.mkdir(parents=True, exist_ok=True)
+        for name in ("lab-cgroup-once.service", "lab-fails.service"):
+            (wants / name).unlink(missing_ok=True)
+            (wants / name).symlink_to(f"/etc/systemd/system/{name}")
+        for mark in marks:
+            mark.unlink(missing_ok=True)
         boot = sh(str(LAB), "boot", "macbook", check=False, timeout=180)
         assert boot.returncode == 0, boot.stderr
-        assert "macbook booted degraded: systemd-user-sessions.service" in boot.stderr
-        assert "lab: failing once" in boot.stderr  # the unit's own journal lines
-        assert marker.exists()
+        assert (
+            "macbook booted degraded: lab-cgroup-once.service lab-fails.service "
+            "systemd-user-sessions.service" in boot.stderr
+        ), boot.stderr
+        assert "lab: failing once" in boot.stderr  # the units' own journal lines
+        assert "status=219/CGROUP" in boot.stderr
+        for unit in ("systemd-user-sessions.service", "lab-cgroup-once.service"):
+            assert f"macbook: starting {unit} again" in boot.stderr, boot.stderr
+            assert in_host("macbook", "systemctl", "is-failed", unit).returncode != 0
+        assert "starting lab-fails.service" not in boot.stderr, boot.stderr
+        assert in_host("macbook", "systemctl", "is-failed", "lab-fails.service").returncode == 0
+        assert marks[2].read_text() == "run\n"  # started by its boot only
         assert in_host("macbook", "test", "-e", "/run/nologin").returncode == 1
     finally:
-        # The next boot reads the unit as shipped again.
-        drop_in.unlink(missing_ok=True)
-        marker.unlink(missing_ok=True)
+        # The macbook as shipped again, not degraded, for the phases that follow.
+        for path in made + marks:
+            path.unlink(missing_ok=True)
+        in_host("macbook", "systemctl", "daemon-reload")
+        in_host("macbook", "systemctl", "reset-failed")
 
 
 def check_cluster_routing(before: dict[str, object]) -> None:
