@@ -94,6 +94,29 @@ def test_a_good_config_passes_in_check_mode_too_and_changes_nothing(checkout: Pa
     assert all(counts["changed"] == 0 for counts in recap(checked.stdout).values()), show(checked)
 
 
+def test_a_run_wide_setting_on_one_host_only_is_refused_before_rendering(checkout: Path) -> None:
+    """The worker dials its own `port` and trains in its own `mode`: a value set on one host only
+    (host_vars, an inventory line) fails naming the key and each host's value; a per-host
+    W&B mode is fine."""
+    path = checkout / "inventory" / "check-config.yml"
+    inventory = yaml.safe_load(path.read_text())
+    hosts = inventory["all"]["children"]["workers"]["hosts"]
+    port = hosts["mini2"]["smolcluster_port"]
+    hosts["mini2"] = {**hosts["mini2"], "smolcluster_port": port + 1, "trainer_mode": "elastic",
+                      "trainer_wandb_mode": "offline"}  # fmt: skip
+    path.write_text(yaml.safe_dump(inventory))
+    result = run(checkout)
+    assert result.returncode != 0, show(result)
+    assert (
+        'mode differs between the run\'s hosts (mini1 "sync", mini2 "elastic"): it must be one '
+        "value for the whole run; set it for all of them (group_vars/all.yml or -e), not per host"
+        in result.stdout
+    ), show(result)
+    assert f"port differs between the run's hosts (mini1 {port}, mini2 {port + 1})" in result.stdout
+    assert "wandb_mode differs" not in result.stdout, show(result)
+    assert not (checkout / "hosts" / "mini1" / "config").exists()  # nothing rendered
+
+
 def test_auto_takes_the_cipher_and_adam_kernel_every_host_has(
     checkout: Path, tmp_path: Path
 ) -> None:

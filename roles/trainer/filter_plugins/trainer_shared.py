@@ -6,12 +6,15 @@ the replicas bit-identical, so the run takes what every host can do: AES-256-GCM
 have AES instructions (a Pi 4 has none), fused Adam only when every torch has it (an Intel
 Mac's torch stops at 2.2). A host that gave no answer (no trainer yet: check mode before
 site.yml) counts as able to do neither.
+
+Every other run-wide key is each host's own variable, so a host_vars override on one host (a
+port only the server has, `trainer_mode` on one Pi) is refused before anything starts.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 AES, CHACHA = "aes-256-gcm", "chacha20-poly1305"
@@ -42,6 +45,30 @@ def shared_settings(answers: Iterable[Any], cipher: str, fused_adam: Any) -> dic
     return {"cipher": cipher, "fused_adam": fused}
 
 
+def differing_settings(
+    hostvars: Mapping[str, Mapping[str, Any]], hosts: Iterable[str], fact: str,
+    per_host: Iterable[str],
+) -> list[str]:  # fmt: skip
+    """One line per key of the config `fact` (set on every host) whose value is not the same
+    on all `hosts`, keys in `per_host` aside; hosts without the fact (not in this play) are
+    left out."""
+    configs = {h: dict(hostvars[h][fact]) for h in hosts if fact in hostvars.get(h, {})}
+    keys = sorted({k for config in configs.values() for k in config} - set(per_host))
+    errors = []
+    for key in keys:
+        shown = {h: json.dumps(c.get(key), sort_keys=True, default=str) for h, c in configs.items()}
+        if len(set(shown.values())) > 1:
+            each = ", ".join(f"{h} {value}" for h, value in shown.items())
+            errors.append(
+                f"{key} differs between the run's hosts ({each}): it must be one value for the "
+                "whole run; set it for all of them (group_vars/all.yml or -e), not per host"
+            )
+    return errors
+
+
 class FilterModule:
     def filters(self) -> dict[str, Any]:
-        return {"trainer_shared_settings": shared_settings}
+        return {
+            "trainer_shared_settings": shared_settings,
+            "trainer_differing_settings": differing_settings,
+        }
